@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from vllm_qexpand import quant as Q
+
+
+def test_pack_unpack_round_trip_and_layout():
+    q = torch.randint(-8, 8, (7, 64), dtype=torch.int8)
+    p = Q.pack_int4(q)
+    assert p.dtype == torch.int32 and p.shape == (7, 8)
+    assert torch.equal(Q.unpack_int4(p), q)
+    # documented layout: nibble j of word w is input 8w+j, stored as value + 8
+    one = torch.full((1, 8), -8, dtype=torch.int8)
+    one[0, 3] = 7  # stored 15 at bits 12..15, all others 0
+    assert Q.pack_int4(one).item() == 15 << 12
+    assert Q.pack_int4(torch.full((1, 8), 7, dtype=torch.int8)).item() == -1  # 0xFFFFFFFF
+
+
+def test_pack_rejects_ragged_width():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Q.pack_int4(torch.zeros(2, 12, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("group", [0, 32])
+def test_weight_quantizer_range_and_symmetry(group):
+    w = torch.randn(16, 128)
+    s = Q.weight_scale(w, group)
+    assert s.shape == ((16, 1) if group == 0 else (16, 4))
+    q = Q.quantize_weight(w, s, group)
+    assert int(q.min()) >= -8 and int(q.max()) <= 7
+    # symmetric: negating the weight negates the codes except at the -8 end
+    qn = Q.quantize_weight(-w, s, group)
+    assert torch.equal(qn.clamp(max=7), (-q.int()).clamp(-8, 7).to(torch.int8))
+    # the absmax element maps to ±7 exactly
+    i = w.abs().argmax(dim=1)
+    if group == 0:
+        assert torch.equal(q[torch.arange(16), i].abs(), torch.full((16,), 7, dtype=torch.int8))
+    err = (Q.dequantize_weight(q, s, group) - w).abs()
+    assert bool((err <= s.repeat_interleave(group or 128, dim=1) / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_quantizer(bits):
+    x = torch.randn(5, 40)
+    q, s = Q.quantize_activation(x, bits)
+    qm = 2 ** (bits - 1) - 1
+    assert s.shape == (5, 1)
+    assert float(q.abs().max()) <= qm and torch.equal(q, q.round())
+    assert torch.allclose(q.abs().amax(1), torch.full((5,), float(qm)))
+    assert (Q.fake_quantize_activation(x, bits) - x).abs().max() <= s.max() / 2 + 1e-6
+
+
+def test_zero_rows_are_safe():
+    q, s = Q.quantize_activation(torch.zeros(2, 8), 4)
+    assert torch.equal(q, torch.zeros(2, 8)) and bool((s > 0).all())
+    assert bool((Q.weight_scale(torch.zeros(3, 8)) > 0).all())
+
+
+def test_qlinear_expanded_rotation_is_exact_without_quantization():
+    from vllm_qexpand.hadamard import hadamard_transform
+
+    x, w = torch.randn(4, 192, dtype=torch.float64), torch.randn(8, 192, dtype=torch.float64)
+    wexp = hadamard_transform(torch.nn.functional.pad(w, (0, 16)), 52)  # 192 -> 208 = 52·4
+    y = Q.qlinear(x.float(), wexp.float(), act_bits=None, rotation=(208, 52))
+    assert torch.allclose(y.double(), x @ w.t(), atol=1e-4)

@@ -1,0 +1,80 @@
+"""The converter: named passes over one model state, streamed one part at a time.
+
+setup (once):  load -> r1 -> r2 -> online -> expand -> quantize
+per part:      read -> fuse_norms -> r1 -> r2 -> online -> quantize -> write
+Parts are 'embed', each decoder layer, and 'head', so peak memory is about one
+part in float64 plus the rotation matrices, whatever the model size.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import fuse_norms, load, online, quantize, rotate, write
+from .state import ConvertError, ModelState, Options
+
+SETUP_PASSES = (
+    ("load", load.setup),
+    ("r1", rotate.setup_r1),
+    ("r2", rotate.setup_r2),
+    ("online", online.plan_online),
+    ("expand", online.plan_expand),
+    ("quantize", quantize.setup),
+)
+PART_PASSES = (
+    ("fuse_norms", fuse_norms.apply),
+    ("r1", rotate.apply_r1),
+    ("r2", rotate.apply_r2),
+    ("online", online.apply_online),
+    ("quantize", quantize.apply),
+)
+
+
+def convert(src: str | Path, dst: str | Path, options: Options | None = None) -> dict:
+    """Convert the HF checkpoint at `src` into a qexpand checkpoint at `dst`; returns the report."""
+    options = options or Options()
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if dst == src:
+        raise ConvertError("DST must differ from SRC (the source is never modified)")
+    if dst.exists() and not options.force:
+        raise ConvertError(f"{dst} exists; pass --force to replace it")
+    state = ModelState(src=src, config=load.read_config(src), options=options)
+    t0 = time.perf_counter()
+    for _, fn in SETUP_PASSES:
+        fn(state)
+    tmp = write.make_tmpdir(dst)
+    index: dict = {}
+    timings = {name: 0.0 for name, _ in PART_PASSES}
+    try:
+        for name in tqdm(state.part_names(), desc="convert", unit="part", disable=not options.progress):
+            part = load.read_part(state, name)
+            for pname, fn in PART_PASSES:
+                t = time.perf_counter()
+                fn(state, part)
+                timings[pname] += time.perf_counter() - t
+            write.apply(state, part, tmp, index)
+        before, after = write.param_counts(state)
+        report = {
+            "source": str(src),
+            "scheme": options.scheme,
+            "r1": state.r1,
+            "r2": state.r2,
+            "online": {k: v.to_dict() for k, v in state.online.items()},
+            "linear_params": before,
+            "linear_params_expanded": after,
+            "param_overhead": round(after / before - 1, 6),
+            "notes": state.report["notes"],
+            "layers": state.report["layers"],
+            "timing": {"total_s": round(time.perf_counter() - t0, 3), "passes_s": {k: round(v, 3) for k, v in timings.items()}},
+        }
+        write.finalize(state, tmp, dst, index, report)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+__all__ = ["convert", "ConvertError", "Options"]

@@ -1,0 +1,61 @@
+"""Pass 7, quantize: int4 weights for every decoder linear (RTN with a clip rule).
+
+`X.weight` [out, M] becomes `X.weight_packed` int32 [out, M/8] and
+`X.weight_scale` float32 [out, 1] (per channel) or [out, M/group] (per group).
+Embeddings, norms and lm_head stay in float.
+"""
+from __future__ import annotations
+
+from ..format import SCHEMES, linear_names
+from ..quant import dequantize_weight, pack_int4, quantize_weight
+from .clip import choose_scale
+from .state import ConvertError, ModelState, Part
+
+
+def setup(state: ModelState) -> None:
+    scheme = state.options.scheme
+    if scheme not in SCHEMES:
+        raise ConvertError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    g = state.options.group_size
+    state.group_size = SCHEMES[scheme][0] if g is None else g
+    if scheme == "none":
+        state.group_size = 0
+        return
+    if state.group_size < 0 or state.group_size % 8:
+        raise ConvertError(f"--group-size {state.group_size}: must be 0 (per channel) or a multiple of 8")
+    for name, width in _input_widths(state):
+        if width % 8:
+            raise ConvertError(f"{name}: input width {width} is not a multiple of 8 (int4 packing)")
+        if state.group_size and width % state.group_size:
+            raise ConvertError(
+                f"{name}: input width {width} is not a multiple of --group-size {state.group_size}; "
+                f"pick a group size that divides it (e.g. 64) or 0 for per channel"
+            )
+
+
+def _input_widths(state: ModelState):
+    c = state.config
+    hidden = state.hidden
+    attn = int(c["num_attention_heads"]) * state.head_dim
+    widths = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": attn,
+              "gate_proj": hidden, "up_proj": hidden, "down_proj": int(c["intermediate_size"])}
+    for i in range(state.num_layers):
+        for name in linear_names(i):
+            spec = state.online.get(name)
+            yield name, spec.size if spec else widths[name.rsplit(".", 1)[1]]
+
+
+def apply(state: ModelState, part: Part) -> None:
+    if part.layer is None or state.options.scheme == "none":
+        return
+    g = state.group_size
+    for name in linear_names(part.layer):
+        w = part.tensors.pop(f"{name}.weight").float()
+        scale = choose_scale(w, g, state.options.clip)
+        q = quantize_weight(w, scale, g)
+        err = (dequantize_weight(q, scale, g) - w).norm() / w.norm().clamp_min(1e-30)
+        part.tensors[f"{name}.weight_packed"] = pack_int4(q)
+        part.tensors[f"{name}.weight_scale"] = scale
+        state.report["layers"].append(
+            {"name": name, "out_features": w.shape[0], "in_features": w.shape[1], "rel_weight_error": round(err.item(), 6)}
+        )

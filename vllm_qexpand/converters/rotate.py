@@ -1,0 +1,87 @@
+"""Passes 3 and 4: the fused rotations R1 (residual stream) and R2 (per head).
+
+R1 (hidden×hidden, orthogonal): the residual h becomes h' = h @ R1.
+  readers  (q, k, v, gate, up, lm_head): W <- W @ R1
+  writers  (embeddings, o_proj, down_proj outputs): E <- E @ R1, W <- R1.T @ W, b <- b @ R1
+R1 = diag(s) @ A.T with A = hadamard_matrix(hidden) and s = ±1 signs drawn from
+--seed (all +1 without a seed), so h' = T(h * s). Without a Hadamard of that size
+R1 is a seeded random orthogonal matrix (reported).
+
+R2 (head_dim×head_dim) = A_hd.T: each value head v becomes v @ R2, so
+  v_proj rows of each kv head: W <- R2.T @ W (bias likewise); o_proj columns of each q head: W <- W @ R2.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..hadamard import factor, hadamard_matrix, random_orthogonal
+from .state import ModelState, Part
+
+
+def setup_r1(state: ModelState) -> None:
+    n, seed = state.hidden, state.options.seed
+    kp = factor(n)
+    if kp is None:
+        state.r1_matrix = random_orthogonal(n, seed or 0)
+        state.r1 = {"kind": "random_orthogonal", "size": n, "seed": seed or 0}
+        state.report["notes"].append(f"R1: no Hadamard of size {n} is known; used a seeded random orthogonal matrix")
+        return
+    a = hadamard_matrix(n)
+    if seed is None:
+        signs = torch.ones(n, dtype=torch.float64)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+    state.r1_matrix = signs.unsqueeze(1) * a.t()
+    state.r1 = {"kind": "hadamard" if seed is None else "random_hadamard", "size": n, "k": kp[0], "seed": seed}
+
+
+def apply_r1(state: ModelState, part: Part) -> None:
+    q = state.r1_matrix
+    t = part.tensors
+    if part.name == "embed":
+        t["model.embed_tokens.weight"] = _rows_matmul(t["model.embed_tokens.weight"], q)
+        return
+    if part.name == "head":
+        t["lm_head.weight"] = _rows_matmul(t["lm_head.weight"], q)
+        return
+    pre = f"model.layers.{part.layer}"
+    for r in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        t[f"{pre}.{r}.weight"] = t[f"{pre}.{r}.weight"] @ q
+    for w in ("self_attn.o_proj", "mlp.down_proj"):
+        t[f"{pre}.{w}.weight"] = q.t() @ t[f"{pre}.{w}.weight"]
+        if f"{pre}.{w}.bias" in t:
+            t[f"{pre}.{w}.bias"] = t[f"{pre}.{w}.bias"] @ q
+
+
+def _rows_matmul(x: torch.Tensor, q: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    # embeddings and lm_head can be large: rotate in row chunks, in place
+    for s in range(0, x.shape[0], chunk):
+        x[s : s + chunk] = x[s : s + chunk] @ q
+    return x
+
+
+def setup_r2(state: ModelState) -> None:
+    if not state.options.r2:
+        return
+    hd = state.head_dim
+    if factor(hd) is None:
+        state.report["notes"].append(f"R2 skipped: no Hadamard of size head_dim={hd}")
+        return
+    state.r2_matrix = hadamard_matrix(hd).t().contiguous()
+    state.r2 = {"kind": "hadamard", "size": hd}
+
+
+def apply_r2(state: ModelState, part: Part) -> None:
+    if state.r2_matrix is None or part.layer is None:
+        return
+    r2, hd = state.r2_matrix, state.head_dim
+    t = part.tensors
+    pre = f"model.layers.{part.layer}.self_attn"
+    wv = t[f"{pre}.v_proj.weight"]
+    t[f"{pre}.v_proj.weight"] = torch.einsum("ji,hjc->hic", r2, wv.reshape(-1, hd, wv.shape[1])).reshape(wv.shape)
+    if f"{pre}.v_proj.bias" in t:
+        b = t[f"{pre}.v_proj.bias"]
+        t[f"{pre}.v_proj.bias"] = (b.reshape(-1, hd) @ r2).reshape(b.shape)
+    wo = t[f"{pre}.o_proj.weight"]
+    t[f"{pre}.o_proj.weight"] = (wo.reshape(wo.shape[0], -1, hd) @ r2).reshape(wo.shape)

@@ -1,0 +1,124 @@
+"""The one model state the converter passes work on, and the parts it streams."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class ConvertError(Exception):
+    """A conversion that cannot go on; the message names the offending input."""
+
+
+@dataclass
+class Options:
+    scheme: str = "w4a4"
+    group_size: int | None = None  # None: the scheme's default
+    clip: str = "mse"
+    online: tuple = ("down_proj",)
+    expand: list = field(default_factory=list)  # [(pattern, int)]: steps if < width, else a size
+    seed: int | None = None
+    dtype: str | None = None  # float tensors out; None = the source's torch_dtype
+    r2: bool = True
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Part:
+    """A slice of the model processed at once: 'embed', 'layer.<i>' or 'head'."""
+
+    name: str
+    tensors: dict  # HF tensor name -> tensor (float64 while transformed)
+
+    @property
+    def layer(self) -> int | None:
+        return int(self.name.split(".")[1]) if self.name.startswith("layer.") else None
+
+
+class ShardReader:
+    """Lazy, name-addressed access to a directory of safetensors shards."""
+
+    def __init__(self, src: Path):
+        files = sorted(src.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            hint = f" (found {', '.join(pickles)}: pickle files are never read)" if pickles else ""
+            raise ConvertError(f"{src}: no *.safetensors files{hint}")
+        self.where: dict[str, Path] = {}
+        for f in files:
+            self._check_size(f)
+            try:
+                with safe_open(f, framework="pt") as h:
+                    for k in h.keys():
+                        self.where[k] = f
+            except Exception as e:  # safetensors raises its own error types
+                raise ConvertError(f"{f}: not a readable safetensors file ({e})") from None
+
+    @staticmethod
+    def _check_size(path: Path) -> None:
+        # header length (8 bytes) + header + the largest data end offset must fit in the file
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ConvertError(f"{path}: truncated safetensors file ({size} bytes)")
+            try:
+                header = json.loads(fh.read(n))
+            except ValueError as e:
+                raise ConvertError(f"{path}: not a readable safetensors file (bad header: {e})") from None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size < 8 + n + end:
+            raise ConvertError(f"{path}: truncated safetensors file ({path.stat().st_size} bytes, needs {8 + n + end})")
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ConvertError(f"tensor {name!r} is missing from the checkpoint")
+        with safe_open(self.where[name], framework="pt") as h:
+            return h.get_tensor(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        with safe_open(self.where[name], framework="pt") as h:
+            return h.get_slice(name).get_dtype()
+
+
+@dataclass
+class ModelState:
+    src: Path
+    config: dict
+    options: Options
+    reader: ShardReader | None = None
+    out_dtype: torch.dtype = torch.float32
+    r1: dict | None = None  # {"kind", "size", "seed", "k"}
+    r1_matrix: torch.Tensor | None = None  # float64 [hidden, hidden]; h' = h @ r1_matrix
+    r2: dict | None = None
+    r2_matrix: torch.Tensor | None = None  # float64 [head_dim, head_dim]
+    online: dict = field(default_factory=dict)  # module name -> OnlineSpec
+    group_size: int = 0
+    report: dict = field(default_factory=lambda: {"layers": [], "notes": []})
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.config["hidden_size"])
+
+    @property
+    def head_dim(self) -> int:
+        c = self.config
+        return int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    def part_names(self) -> list[str]:
+        return ["embed"] + [f"layer.{i}" for i in range(self.num_layers)] + ["head"]

@@ -1,0 +1,117 @@
+"""Quantizers, int4 packing and the quantized linear: the reference math.
+
+Converter, torch reference evaluator and the CPU serving path all call these
+functions; the Triton kernels are tested against them.
+
+Conventions (see docs/format.md):
+- weights: signed int4 in [-8, 7], symmetric, scale = clip * absmax / 7,
+  one scale per output channel (group_size = 0) or per group of `group_size`
+  inputs; stored as value + 8 (0..15), eight nibbles per int32 word along the
+  input dim, nibble j of word w holding input 8*w + j at bits 4*j..4*j+3.
+- activations: dynamic, symmetric, per token: scale = absmax / qmax,
+  q = clamp(round(x / scale), -qmax - 1, qmax), bits in {4, 8}.
+"""
+from __future__ import annotations
+
+import torch
+
+from .hadamard import hadamard_transform
+
+WEIGHT_QMIN, WEIGHT_QMAX = -8, 7
+PACK = 8  # int4 values per int32 word
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def weight_scale(w: torch.Tensor, group_size: int = 0, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Absmax scale (times `clip`) per output channel [out, 1] or per group [out, in/group]."""
+    wg = _grouped(w, group_size)
+    amax = wg.abs().amax(dim=-1)
+    scale = amax * clip / WEIGHT_QMAX
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.float32)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out, k = w.shape
+    g = group_size or k
+    if k % g:
+        raise ValueError(f"input size {k} is not a multiple of group size {g}")
+    return w.reshape(out, k // g, g)
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """Round-to-nearest int4 codes (int8 tensor, values in [-8, 7]) for the given scales."""
+    wg = _grouped(w.to(torch.float32), group_size)
+    q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)), WEIGHT_QMIN, WEIGHT_QMAX)
+    return q.reshape(w.shape).to(torch.int8)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """Float32 weight from int4 codes and scales."""
+    qg = _grouped(q.to(torch.float32), group_size)
+    return (qg * scale.unsqueeze(-1)).reshape(q.shape)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] int4 codes in [-8, 7] -> [out, in/8] int32 (value + 8, nibble j = input 8w+j)."""
+    out, k = q.shape
+    if k % PACK:
+        raise ValueError(f"input size {k} is not a multiple of {PACK}")
+    u = (q.to(torch.int64) + 8).reshape(out, k // PACK, PACK)
+    word = (u << torch.arange(0, 32, 4, dtype=torch.int64)).sum(dim=-1)  # 0 .. 2^32-1
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: [out, in/8] int32 -> [out, in] int8 codes in [-8, 7]."""
+    out, w = packed.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    u = (packed.unsqueeze(-1) >> shifts) & 0xF
+    return (u - 8).reshape(out, w * PACK).to(torch.int8)
+
+
+def quantize_activation(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token quantization: (codes as x.dtype-free float32, scale [T, 1])."""
+    qm = qmax(bits)
+    xf = x.to(torch.float32)
+    scale = xf.abs().amax(dim=-1, keepdim=True) / qm
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(xf / scale), -qm - 1, qm)
+    return q, scale
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    q, scale = quantize_activation(x, bits)
+    return q * scale
+
+
+def online_rotate(x: torch.Tensor, size: int, k: int, hk: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero-pad the last dim of x to `size` and apply T_size (the plugin's online rotation)."""
+    n = x.shape[-1]
+    if size > n:
+        x = torch.nn.functional.pad(x, (0, size - n))
+    return hadamard_transform(x, k, hk)
+
+
+def qlinear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    act_bits: int | None,
+    rotation: tuple[int, int] | None = None,
+    hk: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The qexpand linear in float32: rotate (pad + Hadamard), quantize activations, GEMM.
+
+    `weight` is the dequantized float weight [out, M] (M = expanded input size).
+    `rotation` is (M, K) for layers with an online rotation, else None.
+    Returns float32 [..., out].
+    """
+    xf = x.to(torch.float32)
+    if rotation is not None:
+        xf = online_rotate(xf, rotation[0], rotation[1], hk)
+    if act_bits is not None:
+        xf = fake_quantize_activation(xf, act_bits)
+    return torch.matmul(xf, weight.t())
