@@ -18,6 +18,7 @@ SHAPES = {
     "small": dict(hidden=64, intermediate=192, heads=4, kv_heads=2),
     "smollm-like": dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, layers=1, tie=True),
     "qwen2-bias": dict(hidden=128, intermediate=320, heads=4, kv_heads=4, arch="qwen2"),
+    "no-hadamard-r1": dict(hidden=88, intermediate=192, heads=4, kv_heads=2),  # 88 = 11·8, head_dim 22
 }
 
 
@@ -39,10 +40,12 @@ def small(tmp_path_factory):
 @pytest.mark.parametrize("online,expand", [(("down_proj",), [("down_proj", 1)]), (("down_proj", "o_proj"), [("down_proj", 3), ("o_proj", 1)])])
 def test_no_quant_preserves_function(tmp_path, shape, online, expand):
     src = make_tiny_llama(tmp_path / "src", **SHAPES[shape])
-    if shape == "smollm-like" and "o_proj" in online:
-        expand = [("down_proj", 1)]  # o_proj width 576 is fine, keep this case small
+    if shape == "no-hadamard-r1":
+        online, expand = ("down_proj",), [("down_proj", 1)]  # o_proj width 88 has no Hadamard
     report = convert(src, tmp_path / "dst", Options(scheme="none", online=online, expand=expand, seed=1, progress=False))
     assert any(s["size"] > s["in_features"] for s in report["online"].values())
+    if shape == "no-hadamard-r1":
+        assert report["r1"]["kind"] == "random_orthogonal" and report["notes"]
     ids = torch.randint(0, 300, (2, 24))
     a, b = _logits(src, ids), _logits(tmp_path / "dst", ids)
     rel = (a - b).abs().max() / a.abs().max()

@@ -15,7 +15,7 @@ def apply(state: ModelState, part: Part) -> None:
     t = part.tensors
     if part.name == "head":
         g = t["model.norm.weight"]
-        t["lm_head.weight"] = t["lm_head.weight"] * g
+        t["lm_head.weight"].mul_(g.to(t["lm_head.weight"].dtype))  # in place: lm_head can be large
         t["model.norm.weight"] = torch.ones_like(g)
         return
     i = part.layer

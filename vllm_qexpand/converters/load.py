@@ -90,17 +90,16 @@ def _optional_names(state: ModelState):
 
 
 def read_part(state: ModelState, name: str) -> Part:
-    """All source tensors of one part, as float64."""
+    """All source tensors of one part: float64 for decoder layers, float32 for the
+    (large) embedding and lm_head parts, which are rotated in float64 row chunks."""
     r = state.reader
     if name == "embed":
-        names = ["model.embed_tokens.weight"]
-    elif name == "head":
-        names = ["model.norm.weight"]
+        return Part(name, {"model.embed_tokens.weight": r.get("model.embed_tokens.weight").float()})
+    if name == "head":
         tensors = {"model.norm.weight": r.get("model.norm.weight").double()}
         src = "model.embed_tokens.weight" if state.tied else "lm_head.weight"
-        tensors["lm_head.weight"] = r.get(src).double()
+        tensors["lm_head.weight"] = r.get(src).float()
         return Part(name, tensors)
-    else:
-        pre = f"model.layers.{name.split('.')[1]}."
-        names = [n for n in r.names() if n.startswith(pre)]
+    pre = f"model.layers.{name.split('.')[1]}."
+    names = [n for n in r.names() if n.startswith(pre)]
     return Part(name, {n: r.get(n).double() for n in names})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hadamard import factor, hadamard_matrix, random_orthogonal
+from ..hadamard import factor, hadamard_matrix, hadamard_transform, random_orthogonal
 from .state import ModelState, Part
 
 
@@ -26,39 +26,46 @@ def setup_r1(state: ModelState) -> None:
         state.r1 = {"kind": "random_orthogonal", "size": n, "seed": seed or 0}
         state.report["notes"].append(f"R1: no Hadamard of size {n} is known; used a seeded random orthogonal matrix")
         return
-    a = hadamard_matrix(n)
     if seed is None:
         signs = torch.ones(n, dtype=torch.float64)
     else:
         g = torch.Generator().manual_seed(seed)
         signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
-    state.r1_matrix = signs.unsqueeze(1) * a.t()
+    state.r1_signs = signs  # R1 = diag(signs) @ A.T, applied with the fast transform
     state.r1 = {"kind": "hadamard" if seed is None else "random_hadamard", "size": n, "k": kp[0], "seed": seed}
 
 
+def _times_r1(state: ModelState, x: torch.Tensor) -> torch.Tensor:
+    """x @ R1 in float64; the fast transform T(x * s) when R1 is a Hadamard."""
+    x = x.double()
+    if state.r1["kind"] == "random_orthogonal":
+        return x @ state.r1_matrix
+    signs = state.r1_signs
+    return hadamard_transform(x * signs, state.r1["k"])
+
+
 def apply_r1(state: ModelState, part: Part) -> None:
-    q = state.r1_matrix
     t = part.tensors
     if part.name == "embed":
-        t["model.embed_tokens.weight"] = _rows_matmul(t["model.embed_tokens.weight"], q)
+        _rows_in_place(state, t["model.embed_tokens.weight"])
         return
     if part.name == "head":
-        t["lm_head.weight"] = _rows_matmul(t["lm_head.weight"], q)
+        _rows_in_place(state, t["lm_head.weight"])
         return
     pre = f"model.layers.{part.layer}"
     for r in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-        t[f"{pre}.{r}.weight"] = t[f"{pre}.{r}.weight"] @ q
+        t[f"{pre}.{r}.weight"] = _times_r1(state, t[f"{pre}.{r}.weight"])
     for w in ("self_attn.o_proj", "mlp.down_proj"):
-        t[f"{pre}.{w}.weight"] = q.t() @ t[f"{pre}.{w}.weight"]
+        # R1.T @ W = (W.T @ R1).T
+        t[f"{pre}.{w}.weight"] = _times_r1(state, t[f"{pre}.{w}.weight"].t()).t().contiguous()
         if f"{pre}.{w}.bias" in t:
-            t[f"{pre}.{w}.bias"] = t[f"{pre}.{w}.bias"] @ q
+            t[f"{pre}.{w}.bias"] = _times_r1(state, t[f"{pre}.{w}.bias"])
 
 
-def _rows_matmul(x: torch.Tensor, q: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    # embeddings and lm_head can be large: rotate in row chunks, in place
+def _rows_in_place(state: ModelState, x: torch.Tensor, chunk: int = 8192) -> None:
+    # embeddings and lm_head can be large: rotate in float64 row chunks, in place
     for s in range(0, x.shape[0], chunk):
-        x[s : s + chunk] = x[s : s + chunk] @ q
-    return x
+        x[s : s + chunk] = _times_r1(state, x[s : s + chunk]).to(x.dtype)
 
 
 def setup_r2(state: ModelState) -> None:

@@ -97,6 +97,7 @@ class ModelState:
     out_dtype: torch.dtype = torch.float32
     r1: dict | None = None  # {"kind", "size", "seed", "k"}
     r1_matrix: torch.Tensor | None = None  # float64 [hidden, hidden]; h' = h @ r1_matrix
+    r1_signs: torch.Tensor | None = None  # ±1 [hidden] when R1 = diag(signs) @ A.T
     r2: dict | None = None
     r2_matrix: torch.Tensor | None = None  # float64 [head_dim, head_dim]
     online: dict = field(default_factory=dict)  # module name -> OnlineSpec
