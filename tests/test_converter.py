@@ -58,7 +58,7 @@ def test_expanded_tensor_shapes_and_config(tmp_path, small):
     cfg = json.loads((dst / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc["quant_method"] == "qexpand" and qc["format_version"] == 1 and qc["scheme"] == "w4a4"
-    assert qc["online"]["model.layers.1.mlp.down_proj"] == {"in_features": 192, "size": 208, "k": 52}
+    assert qc["online"]["model.layers.1.mlp.down_proj"] == {"in_features": 192, "size": 208, "k": 52, "blocks": 1}
     assert qc["activations"] == {"bits": 4, "symmetric": True, "dynamic": True, "granularity": "per_token"}
     assert cfg["tie_word_embeddings"] is False
     index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
@@ -171,3 +171,23 @@ def test_cli_convert_and_eval(tmp_path, small):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["ppl"] > 1 and res["tokens"] > 0
+
+
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_tp_blocks_preserve_function_and_split_per_block(tmp_path, small, blocks):
+    report = convert(small, tmp_path / "b", Options(scheme="none", online=("down_proj", "o_proj"), tp_blocks=blocks,
+                                                    expand=[("down_proj", 1)], progress=False))
+    spec = report["online"]["model.layers.0.mlp.down_proj"]
+    assert spec["blocks"] == blocks and spec["size"] > 192 and spec["size"] % blocks == 0
+    from vllm_qexpand.hadamard import next_size
+    assert spec["size"] == blocks * next_size(192 // blocks, 1, multiple=8)  # the size rule applies per block
+    ids = torch.randint(0, 300, (2, 24))
+    a, b = _logits(small, ids), _logits(tmp_path / "b", ids)
+    assert (a - b).abs().max() / a.abs().max() <= 1e-4
+
+
+def test_tp_blocks_refused_when_block_has_no_hadamard(tmp_path, small):
+    with pytest.raises(ConvertError, match="tp-blocks"):
+        convert(small, tmp_path / "x", Options(tp_blocks=3, progress=False))
+    with pytest.raises(ConvertError, match="multiple of 8"):
+        convert(small, tmp_path / "x", Options(tp_blocks=32, progress=False))

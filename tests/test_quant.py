@@ -63,3 +63,15 @@ def test_qlinear_expanded_rotation_is_exact_without_quantization():
     wexp = hadamard_transform(torch.nn.functional.pad(w, (0, 16)), 52)  # 192 -> 208 = 52·4
     y = Q.qlinear(x.float(), wexp.float(), act_bits=None, rotation=(208, 52))
     assert torch.allclose(y.double(), x @ w.t(), atol=1e-4)
+
+
+def test_block_diagonal_rotation_is_local_and_orthogonal():
+    x = torch.randn(3, 384, dtype=torch.float64)  # 2 blocks of 192 -> 208 = 52·4 each
+    y = Q.online_rotate(x, 416, 52, blocks=2)
+    assert y.shape == (3, 416)
+    assert torch.allclose(y.norm(dim=1), x.norm(dim=1))
+    x2 = x.clone()
+    x2[:, 192:] = torch.randn(3, 192, dtype=torch.float64)  # change block 1 only
+    y2 = Q.online_rotate(x2, 416, 52, blocks=2)
+    assert torch.equal(y[:, :208], y2[:, :208]) and not torch.allclose(y[:, 208:], y2[:, 208:])
+    assert torch.allclose(y[:, :208], Q.online_rotate(x[:, :192], 208, 52))

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expand online layers whose name matches the regex PATTERN: N smaller than the layer's "
                         "width is a number of size-rule steps, otherwise the new size (repeatable; e.g. "
                         "down_proj=1, 'layers\\.[0-9]\\.mlp\\.down_proj=3', o_proj=2304)")
+    c.add_argument("--tp-blocks", type=int, default=1,
+                   help="make online rotations block-diagonal in B blocks so the checkpoint serves at any "
+                        "tensor-parallel size dividing B (default: 1)")
     c.add_argument("--no-r2", action="store_true", help="skip the per-head rotation R2")
     c.add_argument("--seed", type=int, default=None, help="random ±1 signs on R1 from this seed (default: none)")
     c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
@@ -88,7 +91,7 @@ def _convert(args) -> int:
     opts = Options(
         scheme="none" if args.no_quant else args.scheme, group_size=args.group_size, clip=args.clip,
         online=args.online, expand=args.expand, seed=args.seed, dtype=args.dtype, r2=not args.no_r2,
-        force=args.force, progress=not args.quiet,
+        force=args.force, progress=not args.quiet, tp_blocks=args.tp_blocks,
     )
     report = convert(args.src, args.dst, opts)
     print(f"wrote {args.dst}: scheme {report['scheme']}, {len(report['online'])} online rotations, "

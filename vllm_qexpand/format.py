@@ -33,27 +33,49 @@ def linear_names(layer: int) -> list[str]:
 
 @dataclass(frozen=True)
 class OnlineSpec:
-    """Online rotation of one layer's input: zero-pad in_features -> size, then T_size (K = k)."""
+    """Online rotation of one layer's input: zero-pad in_features -> size, then T_size (K = k).
+
+    With blocks = B > 1 the rotation is block-diagonal: each of B input blocks of
+    in_features/B is padded to size/B and rotated by T_{size/B}; the layer then serves at
+    any tensor-parallel size that divides B.
+    """
 
     in_features: int
     size: int
     k: int
+    blocks: int = 1
+
+    @property
+    def block_in(self) -> int:
+        return self.in_features // self.blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.size // self.blocks
 
     def to_dict(self) -> dict:
-        return {"in_features": self.in_features, "size": self.size, "k": self.k}
+        return {"in_features": self.in_features, "size": self.size, "k": self.k, "blocks": self.blocks}
 
     @classmethod
     def from_dict(cls, d: dict, name: str) -> "OnlineSpec":
         try:
-            spec = cls(int(d["in_features"]), int(d["size"]), int(d["k"]))
+            spec = cls(int(d["in_features"]), int(d["size"]), int(d["k"]), int(d.get("blocks", 1)))
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"quantization_config.online[{name!r}]: bad entry {d!r} ({e})") from None
-        if spec.size < spec.in_features or spec.size % spec.k:
-            raise FormatError(f"quantization_config.online[{name!r}]: size {spec.size} is not K·2^p >= in_features")
-        p = spec.size // spec.k
+        b = spec.blocks
+        if b < 1 or spec.in_features % b or spec.size % b:
+            raise FormatError(f"quantization_config.online[{name!r}]: blocks {b} does not divide in_features and size")
+        if spec.block_size < spec.block_in or spec.k < 1 or spec.block_size % spec.k:
+            raise FormatError(f"quantization_config.online[{name!r}]: size {spec.size} is not B·K·2^p >= in_features")
+        p = spec.block_size // spec.k
         if p & (p - 1):
-            raise FormatError(f"quantization_config.online[{name!r}]: size/k = {p} is not a power of two")
+            raise FormatError(f"quantization_config.online[{name!r}]: size/(blocks·k) = {p} is not a power of two")
         return spec
+
+    @property
+    def rotation(self) -> tuple[int, int, int]:
+        """(size, k, blocks): the argument of quant.qlinear / quant.online_rotate."""
+        return (self.size, self.k, self.blocks)
 
 
 @dataclass(frozen=True)
@@ -125,7 +147,6 @@ def make_quant_config(
     r1: dict,
     r2: dict | None,
     clip: str,
-    tp_blocks: int = 1,
 ) -> dict:
     """Build the `quantization_config` written to config.json."""
     act_bits = SCHEMES[scheme][1]

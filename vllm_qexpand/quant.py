@@ -87,12 +87,21 @@ def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     return q * scale
 
 
-def online_rotate(x: torch.Tensor, size: int, k: int, hk: torch.Tensor | None = None) -> torch.Tensor:
-    """Zero-pad the last dim of x to `size` and apply T_size (the plugin's online rotation)."""
+def online_rotate(x: torch.Tensor, size: int, k: int, hk: torch.Tensor | None = None, blocks: int = 1) -> torch.Tensor:
+    """The plugin's online rotation of the last dim: zero-pad N -> `size`, then T_size.
+
+    With `blocks` = B > 1 (converter --tp-blocks) the rotation is block-diagonal: each
+    of the B contiguous input blocks of N/B is padded to size/B and rotated by T_{size/B}
+    (K = k), so a tensor-parallel rank holding whole blocks needs only its own slice.
+    """
     n = x.shape[-1]
+    if blocks > 1:
+        x = x.reshape(*x.shape[:-1], blocks, n // blocks)
+        n, size = n // blocks, size // blocks
     if size > n:
         x = torch.nn.functional.pad(x, (0, size - n))
-    return hadamard_transform(x, k, hk)
+    y = hadamard_transform(x, k, hk)
+    return y.reshape(*y.shape[:-2], -1) if blocks > 1 else y
 
 
 def qlinear(
@@ -106,12 +115,12 @@ def qlinear(
     """The qexpand linear in float32: rotate (pad + Hadamard), quantize activations, GEMM.
 
     `weight` is the dequantized float weight [out, M] (M = expanded input size).
-    `rotation` is (M, K) for layers with an online rotation, else None.
+    `rotation` is (M, K) or (M, K, blocks) for layers with an online rotation, else None.
     Returns float32 [..., out].
     """
     xf = x.to(torch.float32)
     if rotation is not None:
-        xf = online_rotate(xf, rotation[0], rotation[1], hk)
+        xf = online_rotate(xf, rotation[0], rotation[1], hk, rotation[2] if len(rotation) > 2 else 1)
     if act_bits is not None:
         xf = fake_quantize_activation(xf, act_bits)
     return torch.matmul(xf, weight.t())

@@ -7,6 +7,7 @@
   rule (hadamard.next_size), otherwise VALUE is M itself.
 - ``apply_online``: W [out, N] -> T_M([W | 0]) row-wise, i.e. pad(W) @ A.T; at run
   time the plugin computes x' = T_M([x | 0]) so x' @ W'.T = x @ W.T exactly.
+  With --tp-blocks B the same happens per block of N/B inputs (quant.online_rotate).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import re
 import torch
 
 from ..format import OnlineSpec
-from ..hadamard import EXPANSION_K, KNOWN_K, factor, hadamard_transform, next_size
+from ..hadamard import EXPANSION_K, KNOWN_K, factor, next_size
+from ..quant import online_rotate
 from .state import ConvertError, ModelState, Part
 
 
@@ -35,14 +37,19 @@ def _online_modules(state: ModelState) -> dict:
 
 
 def plan_online(state: ModelState) -> None:
+    b = state.options.tp_blocks
+    if b < 1 or b & (b - 1):
+        raise ConvertError(f"--tp-blocks {b}: must be a power of two (1, 2, 4, 8, ...)")
     for name, n in _online_modules(state).items():
-        kp = factor(n)
+        if n % b or (n // b) % 8:
+            raise ConvertError(f"{name}: input width {n} does not split into --tp-blocks {b} blocks of a multiple of 8")
+        kp = factor(n // b)
         if kp is None:
             raise ConvertError(
-                f"{name}: input width {n} has no Hadamard (needs K·2^p, K in {KNOWN_K}); "
-                f"expand it with --expand {name.rsplit('.', 1)[1]}=1 or leave it out of --online"
+                f"{name}: input block width {n // b} has no Hadamard (needs K·2^p, K in {KNOWN_K}); "
+                f"leave it out of --online or change --tp-blocks"
             )
-        state.online[name] = OnlineSpec(n, n, kp[0])
+        state.online[name] = OnlineSpec(n, n, kp[0], b)
 
 
 def plan_expand(state: ModelState) -> None:
@@ -58,14 +65,20 @@ def plan_expand(state: ModelState) -> None:
                 f"(online layers come from --online; now: {','.join(state.options.online) or 'none'})"
             )
         for name in hits:
-            n = state.online[name].in_features
-            m = next_size(n, value, multiple=8) if value < n else value
+            spec = state.online[name]
+            b, n = spec.blocks, spec.block_in  # the size rule applies per block
+            if value < spec.in_features:
+                m = next_size(n, value, multiple=8)
+            elif value % b:
+                raise ConvertError(f"--expand {pattern}={value}: {name}: size is not a multiple of --tp-blocks {b}")
+            else:
+                m = value // b
             kp = factor(m)
             if kp is None or (kp[0] not in EXPANSION_K and kp[0] != 1):
-                raise ConvertError(f"--expand {pattern}={value}: {name}: size {m} is not K·2^p with K in {EXPANSION_K}")
+                raise ConvertError(f"--expand {pattern}={value}: {name}: size {m * b} is not K·2^p with K in {EXPANSION_K}" + (f" per block of {b}" if b > 1 else ""))
             if m % 8:
-                raise ConvertError(f"--expand {pattern}={value}: {name}: size {m} is not a multiple of 8")
-            state.online[name] = OnlineSpec(n, m, kp[0])
+                raise ConvertError(f"--expand {pattern}={value}: {name}: block size {m} is not a multiple of 8")
+            state.online[name] = OnlineSpec(spec.in_features, m * b, kp[0], b)
 
 
 def apply_online(state: ModelState, part: Part) -> None:
@@ -75,7 +88,4 @@ def apply_online(state: ModelState, part: Part) -> None:
         key = f"{name}.weight"
         if key not in part.tensors:
             continue
-        w = part.tensors[key]
-        if spec.size > spec.in_features:
-            w = torch.nn.functional.pad(w, (0, spec.size - spec.in_features))
-        part.tensors[key] = hadamard_transform(w, spec.k)
+        part.tensors[key] = online_rotate(part.tensors[key], spec.size, spec.k, blocks=spec.blocks)

@@ -24,6 +24,9 @@ def setup(state: ModelState) -> None:
     if state.group_size < 0 or state.group_size % 8:
         raise ConvertError(f"--group-size {state.group_size}: must be 0 (per channel) or a multiple of 8")
     for name, width in _input_widths(state):
+        spec = state.online.get(name)
+        if spec and spec.blocks > 1 and state.group_size and spec.block_size % state.group_size:
+            raise ConvertError(f"{name}: block width {spec.block_size} is not a multiple of --group-size {state.group_size}")
         if width % 8:
             raise ConvertError(f"{name}: input width {width} is not a multiple of 8 (int4 packing)")
         if state.group_size and width % state.group_size:

@@ -23,6 +23,7 @@ class Options:
     seed: int | None = None
     dtype: str | None = None  # float tensors out; None = the source's torch_dtype
     r2: bool = True
+    tp_blocks: int = 1  # online rotations block-diagonal in this many blocks (TP sizes dividing it)
     force: bool = False
     progress: bool = True
 

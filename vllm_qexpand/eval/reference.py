@@ -70,7 +70,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
                 w = tensors.pop(f"{name}.weight").float()
             bias = tensors.pop(f"{name}.bias", None)
             online = spec.online.get(name)
-            rotation = (online.size, online.k) if online else None
+            rotation = online.rotation if online else None
             setattr(parent, attr, QLinear(w, bias, spec.act_bits, rotation))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
     # what is left to load: embeddings, norms, lm_head (QLinear buffers were set above)
