@@ -1,7 +1,8 @@
 """The converter: named passes over one model state, streamed one part at a time.
 
-setup (once):  load -> r1 -> r2 -> online -> expand -> quantize
-per part:      read -> fuse_norms -> r1 -> r2 -> online -> quantize -> write
+setup (once):  load -> r1 -> r2 -> online -> expand -> quantize -> calibrate
+per part:      read -> fuse_norms -> r1 -> r2 -> online -> [calib_embed, collect] -> quantize
+               -> [propagate] -> write        ([...]: only with --gptq)
 Parts are 'embed', each decoder layer, and 'head', so peak memory is about one
 part in float64 plus the rotation matrices, whatever the model size.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import fuse_norms, load, online, quantize, rotate, write
+from . import calibrate, fuse_norms, load, online, quantize, rotate, write
 from .state import ConvertError, ModelState, Options
 
 SETUP_PASSES = (
@@ -23,13 +24,17 @@ SETUP_PASSES = (
     ("online", online.plan_online),
     ("expand", online.plan_expand),
     ("quantize", quantize.setup),
+    ("calibrate", calibrate.setup),
 )
 PART_PASSES = (
     ("fuse_norms", fuse_norms.apply),
     ("r1", rotate.apply_r1),
     ("r2", rotate.apply_r2),
     ("online", online.apply_online),
+    ("calib_embed", calibrate.embed),
+    ("collect", calibrate.collect),
     ("quantize", quantize.apply),
+    ("propagate", calibrate.propagate),
 )
 
 

@@ -1,4 +1,5 @@
-"""Pass 7, quantize: int4 weights for every decoder linear (RTN with a clip rule).
+"""Pass 7, quantize: int4 weights for every decoder linear: the clip rule picks the
+scales, then round-to-nearest, or GPTQ where calibration collected a Hessian.
 
 `X.weight` [out, M] becomes `X.weight_packed` int32 [out, M/8] and
 `X.weight_scale` float32 [out, 1] (per channel) or [out, M/group] (per group).
@@ -9,6 +10,7 @@ from __future__ import annotations
 from ..format import SCHEMES, linear_names
 from ..quant import dequantize_weight, pack_int4, quantize_weight
 from .clip import choose_scale
+from .gptq import gptq_quantize
 from .state import ConvertError, ModelState, Part
 
 
@@ -55,7 +57,11 @@ def apply(state: ModelState, part: Part) -> None:
     for name in linear_names(part.layer):
         w = part.tensors.pop(f"{name}.weight").float()
         scale = choose_scale(w, g, state.options.clip)
-        q = quantize_weight(w, scale, g)
+        if name in part.hessians:
+            o = state.options
+            q = gptq_quantize(w, part.hessians.pop(name), scale, g, act_order=o.act_order, damp=o.damp)
+        else:
+            q = quantize_weight(w, scale, g)
         err = (dequantize_weight(q, scale, g) - w).norm() / w.norm().clamp_min(1e-30)
         part.tensors[f"{name}.weight_packed"] = pack_int4(q)
         part.tensors[f"{name}.weight_scale"] = scale

@@ -24,6 +24,12 @@ class Options:
     dtype: str | None = None  # float tensors out; None = the source's torch_dtype
     r2: bool = True
     tp_blocks: int = 1  # online rotations block-diagonal in this many blocks (TP sizes dividing it)
+    gptq: bool = False
+    calib: Path | None = None  # calibration text for --gptq
+    calib_samples: int = 32
+    calib_len: int = 512
+    act_order: bool = True
+    damp: float = 0.01
     force: bool = False
     progress: bool = True
 
@@ -34,6 +40,7 @@ class Part:
 
     name: str
     tensors: dict  # HF tensor name -> tensor (float64 while transformed)
+    hessians: dict = field(default_factory=dict)  # linear name -> 2XᵀX/n (with --gptq)
 
     @property
     def layer(self) -> int | None:
@@ -103,6 +110,9 @@ class ModelState:
     r2_matrix: torch.Tensor | None = None  # float64 [head_dim, head_dim]
     online: dict = field(default_factory=dict)  # module name -> OnlineSpec
     group_size: int = 0
+    calib_ids: torch.Tensor | None = None  # [samples, len] calibration tokens (--gptq)
+    calib_x: torch.Tensor | None = None  # hidden states entering the current layer
+    calib_layer: tuple | None = None  # (decoder layer module, rotary embedding), built once
     report: dict = field(default_factory=lambda: {"layers": [], "notes": []})
 
     @property

@@ -1,0 +1,109 @@
+"""Calibration passes for GPTQ (--gptq --calib FILE), block-sequential like the rest.
+
+- ``setup``: tokenize the calibration text into `calib_samples` windows of `calib_len` tokens.
+- ``embed`` part: the hidden states start as the rotated embeddings of those tokens.
+- ``collect`` (layer parts, before quantize): run the rotated float decoder layer on the
+  hidden states and accumulate, for every linear, the Hessian 2XᵀX/n of its actual input
+  (after the online rotation and expansion for online layers).
+- ``propagate`` (after quantize): run the quantized layer to get the next layer's input.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ..format import linear_names
+from ..quant import dequantize_weight, unpack_int4
+from .gptq import hessian
+from .state import ConvertError, ModelState, Part
+
+_LAYERS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+
+def setup(state: ModelState) -> None:
+    o = state.options
+    if not o.gptq:
+        return
+    if o.calib is None or not o.calib.is_file():
+        raise ConvertError(f"--gptq needs a calibration text file (--calib); got {o.calib}")
+    if o.scheme == "none":
+        raise ConvertError("--gptq and --no-quant exclude each other")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(state.src)
+    ids = tok(o.calib.read_text(encoding="utf-8"))["input_ids"]
+    need = o.calib_samples * o.calib_len
+    if len(ids) < need:
+        raise ConvertError(f"{o.calib}: {len(ids)} tokens, fewer than --calib-samples × --calib-len = {need}")
+    state.calib_ids = torch.tensor(ids[:need]).reshape(o.calib_samples, o.calib_len)
+
+
+def _layer_module(state: ModelState):
+    from transformers import AutoConfig
+
+    mt = state.config["model_type"]
+    if mt not in _LAYERS:
+        raise ConvertError(f"--gptq: model_type {mt!r} has no calibration support")
+    cfg = AutoConfig.for_model(**{k: v for k, v in state.config.items() if k not in ("quantization_config",)})
+    cfg._attn_implementation = "sdpa"
+    mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    layer = getattr(mod, f"{_LAYERS[mt]}DecoderLayer")(cfg, 0).float().eval()
+    rotary = getattr(mod, f"{_LAYERS[mt]}RotaryEmbedding")(cfg)
+    return layer, rotary
+
+
+def embed(state: ModelState, part: Part) -> None:
+    if state.calib_ids is not None and part.name == "embed":
+        state.calib_x = part.tensors["model.embed_tokens.weight"][state.calib_ids].float()
+
+
+def _run(state: ModelState, part: Part, weights: dict, capture: dict | None) -> torch.Tensor:
+    from ..eval.reference import QLinear
+
+    if state.calib_layer is None:
+        state.calib_layer = _layer_module(state)
+    layer, rotary = state.calib_layer
+    pre = f"model.layers.{part.layer}."
+    t = part.tensors
+    for name in linear_names(part.layer):
+        spec = state.online.get(name)
+        ql = QLinear(weights[name], t.get(f"{name}.bias"), None, spec.rotation if spec else None)
+        if capture is not None:
+            ql.register_forward_pre_hook(lambda m, args, name=name: capture.setdefault(name, []).append(args[0]))
+        parent, attr = name[len(pre):].rsplit(".", 1)
+        setattr(layer.get_submodule(parent), attr, ql)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        getattr(layer, norm).weight.data = t[f"{pre}{norm}.weight"].float()
+    x = state.calib_x
+    pos = torch.arange(x.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=rotary(x, pos))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def collect(state: ModelState, part: Part) -> None:
+    if state.calib_x is None or part.layer is None:
+        return
+    captured: dict = {}
+    weights = {n: part.tensors[f"{n}.weight"].float() for n in linear_names(part.layer)}
+    _run(state, part, weights, captured)
+    for name, xs in captured.items():
+        x = torch.cat([a.reshape(-1, a.shape[-1]) for a in xs])
+        spec = state.online.get(name)
+        if spec:
+            from ..quant import online_rotate
+
+            x = online_rotate(x.double(), spec.size, spec.k, blocks=spec.blocks)
+        part.hessians[name] = hessian(x)
+
+
+def propagate(state: ModelState, part: Part) -> None:
+    if state.calib_x is None or part.layer is None:
+        return
+    t, g = part.tensors, state.group_size
+    weights = {
+        n: dequantize_weight(unpack_int4(t[f"{n}.weight_packed"]), t[f"{n}.weight_scale"], g)
+        for n in linear_names(part.layer)
+    }
+    state.calib_x = _run(state, part, weights, None).float()
