@@ -50,3 +50,27 @@ def test_converter_gptq_lowers_model_error(tmp_path):
         ref = load_model(src)(ids).logits
         e = {n: (load_model(tmp_path / n)(ids).logits - ref).norm().item() for n in ("rtn", "gptq")}
     assert e["gptq"] < e["rtn"], e
+
+
+def test_saliency_weighted_clip_lowers_its_own_objective():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, generator=g)
+    imp = torch.rand(64, generator=g) ** 4 * 10  # a few salient inputs
+    plain, weighted = choose_scale(w, 0, "mse"), choose_scale(w, 0, "mse", imp)
+    assert not torch.equal(plain, weighted)
+    obj = lambda s: (imp * (dequantize_weight(quantize_weight(w, s), s) - w) ** 2).sum()  # noqa: E731
+    assert obj(weighted) <= obj(plain)
+    assert obj(weighted) < obj(choose_scale(w, 0, "none"))
+
+
+def test_saliency_needs_calibration_text(tmp_path):
+    import pytest
+
+    from vllm_qexpand.converters.state import ConvertError
+    src = make_tiny_llama(tmp_path / "src")
+    with pytest.raises(ConvertError, match="--saliency needs a calibration text"):
+        convert(src, tmp_path / "x", Options(saliency="act", progress=False))
+    calib = tmp_path / "c.txt"
+    calib.write_text(TEXT * 8)
+    r = convert(src, tmp_path / "x", Options(saliency="act", calib=calib, calib_samples=2, calib_len=64, progress=False))
+    assert len(r["layers"]) == 14

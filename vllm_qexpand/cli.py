@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "down_proj=1, 'layers\\.[0-9]\\.mlp\\.down_proj=3', o_proj=2304)")
     c.add_argument("--gptq", action="store_true",
                    help="GPTQ with act-order on the rotated, expanded inputs (needs --calib)")
-    c.add_argument("--calib", type=Path, default=None, help="calibration text file for --gptq")
+    c.add_argument("--saliency", choices=["none", "act"], default="none",
+                   help="act: weight the clip search by E[x²] of each input, from --calib (default: none)")
+    c.add_argument("--calib", type=Path, default=None, help="calibration text file for --gptq / --saliency")
     c.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
     c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default: 512)")
     c.add_argument("--tp-blocks", type=int, default=1,
@@ -97,7 +99,7 @@ def _convert(args) -> int:
         scheme="none" if args.no_quant else args.scheme, group_size=args.group_size, clip=args.clip,
         online=args.online, expand=args.expand, seed=args.seed, dtype=args.dtype, r2=not args.no_r2,
         force=args.force, progress=not args.quiet, tp_blocks=args.tp_blocks,
-        gptq=args.gptq, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
+        gptq=args.gptq, saliency=args.saliency, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
     )
     report = convert(args.src, args.dst, opts)
     print(f"wrote {args.dst}: scheme {report['scheme']}, {len(report['online'])} online rotations, "

@@ -1,4 +1,5 @@
-"""Calibration passes for GPTQ (--gptq --calib FILE), block-sequential like the rest.
+"""Calibration passes for GPTQ and saliency (--gptq / --saliency act, with --calib FILE),
+block-sequential like the rest.
 
 - ``setup``: tokenize the calibration text into `calib_samples` windows of `calib_len` tokens.
 - ``embed`` part: the hidden states start as the rotated embeddings of those tokens.
@@ -23,12 +24,15 @@ _LAYERS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 def setup(state: ModelState) -> None:
     o = state.options
-    if not o.gptq:
+    if o.saliency not in ("none", "act"):
+        raise ConvertError(f"--saliency {o.saliency!r}: choose none or act")
+    if not (o.gptq or o.saliency != "none"):
         return
+    flag = "--gptq" if o.gptq else "--saliency"
     if o.calib is None or not o.calib.is_file():
-        raise ConvertError(f"--gptq needs a calibration text file (--calib); got {o.calib}")
+        raise ConvertError(f"{flag} needs a calibration text file (--calib); got {o.calib}")
     if o.scheme == "none":
-        raise ConvertError("--gptq and --no-quant exclude each other")
+        raise ConvertError(f"{flag} and --no-quant exclude each other")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(state.src)

@@ -1,11 +1,14 @@
 """Pass 7, quantize: int4 weights for every decoder linear: the clip rule picks the
-scales, then round-to-nearest, or GPTQ where calibration collected a Hessian.
+scales (weighted by input saliency with --saliency act), then round-to-nearest, or
+GPTQ (--gptq) with the Hessian the calibration passes collected.
 
 `X.weight` [out, M] becomes `X.weight_packed` int32 [out, M/8] and
 `X.weight_scale` float32 [out, 1] (per channel) or [out, M/group] (per group).
 Embeddings, norms and lm_head stay in float.
 """
 from __future__ import annotations
+
+import torch
 
 from ..format import SCHEMES, linear_names
 from ..quant import dequantize_weight, pack_int4, quantize_weight
@@ -56,10 +59,12 @@ def apply(state: ModelState, part: Part) -> None:
     g = state.group_size
     for name in linear_names(part.layer):
         w = part.tensors.pop(f"{name}.weight").float()
-        scale = choose_scale(w, g, state.options.clip)
-        if name in part.hessians:
-            o = state.options
-            q = gptq_quantize(w, part.hessians.pop(name), scale, g, act_order=o.act_order, damp=o.damp)
+        o = state.options
+        h = part.hessians.pop(name, None)
+        importance = torch.diagonal(h) if h is not None and o.saliency == "act" else None
+        scale = choose_scale(w, g, o.clip, importance)
+        if h is not None and o.gptq:
+            q = gptq_quantize(w, h, scale, g, act_order=o.act_order, damp=o.damp)
         else:
             q = quantize_weight(w, scale, g)
         err = (dequantize_weight(q, scale, g) - w).norm() / w.norm().clamp_min(1e-30)

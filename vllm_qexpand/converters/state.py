@@ -25,6 +25,7 @@ class Options:
     r2: bool = True
     tp_blocks: int = 1  # online rotations block-diagonal in this many blocks (TP sizes dividing it)
     gptq: bool = False
+    saliency: str = "none"  # "act": clip search weighted by E[x^2] of the inputs (needs --calib)
     calib: Path | None = None  # calibration text for --gptq
     calib_samples: int = 32
     calib_len: int = 512
