@@ -75,3 +75,20 @@ def test_block_diagonal_rotation_is_local_and_orthogonal():
     y2 = Q.online_rotate(x2, 416, 52, blocks=2)
     assert torch.equal(y[:, :208], y2[:, :208]) and not torch.allclose(y[:, 208:], y2[:, 208:])
     assert torch.allclose(y[:, :208], Q.online_rotate(x[:, :192], 208, 52))
+
+
+@pytest.mark.parametrize("rule", ["none", "mse", "kl-j"])
+@pytest.mark.parametrize("group", [0, 64])
+def test_clip_rules_give_valid_scales_and_mse_beats_absmax(rule, group):
+    from vllm_qexpand.converters.clip import choose_scale
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((32, 256))  # heavy tails: clipping pays
+    s = choose_scale(w, group, rule)
+    assert s.shape == (32, 1 if group == 0 else 4) and bool((s > 0).all()) and bool(torch.isfinite(s).all())
+    absmax = choose_scale(w, group, "none")
+    assert bool((s <= absmax * (1 + 1e-6)).all())  # a clip never widens the range
+    err = lambda sc: ((Q.dequantize_weight(Q.quantize_weight(w, sc, group), sc, group) - w) ** 2).sum()  # noqa: E731
+    if rule == "mse" or (rule == "kl-j" and group == 0):
+        assert err(s) < err(absmax)
+    # kl-j on groups of 64 has 8 histogram bins: no candidate below absmax (as Settle et al.'s guard)
