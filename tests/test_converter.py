@@ -191,3 +191,15 @@ def test_tp_blocks_refused_when_block_has_no_hadamard(tmp_path, small):
         convert(small, tmp_path / "x", Options(tp_blocks=3, progress=False))
     with pytest.raises(ConvertError, match="multiple of 8"):
         convert(small, tmp_path / "x", Options(tp_blocks=32, progress=False))
+
+
+def test_no_rotation_baseline_only_folds_norms(tmp_path, small):
+    report = convert(small, tmp_path / "plain", Options(scheme="none", r1=False, r2=False, online=(), progress=False))
+    assert report["r1"] is None and report["online"] == {}
+    ids = torch.randint(0, 300, (2, 24))
+    a, b = _logits(small, ids), _logits(tmp_path / "plain", ids)
+    assert (a - b).abs().max() / a.abs().max() <= 1e-5
+    with safe_open(small / "model.safetensors", framework="pt") as f, \
+         safe_open(tmp_path / "plain" / "model-00002-of-00004.safetensors", framework="pt") as g:
+        w = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+        assert torch.equal(g.get_tensor("model.layers.0.mlp.down_proj.weight"), w)  # no norm feeds down_proj

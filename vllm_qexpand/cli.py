@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight group size along the input; 0 = per output channel (default: 0, or 128 for w4a16)")
     c.add_argument("--clip", choices=CLIP_RULES, default="mse", help="weight clip rule (default: mse)")
     c.add_argument("--online", type=_online_arg, default=("down_proj",),
-                   help="comma list of layers with an online Hadamard: down_proj, o_proj (default: down_proj)")
+                   help="comma list of layers with an online Hadamard: down_proj, o_proj, or '' for none (default: down_proj)")
     c.add_argument("--expand", type=_expand_arg, action="append", default=[], metavar="PATTERN=N",
                    help="expand online layers whose name matches the regex PATTERN: N smaller than the layer's "
                         "width is a number of size-rule steps, otherwise the new size (repeatable; e.g. "
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tp-blocks", type=int, default=1,
                    help="make online rotations block-diagonal in B blocks so the checkpoint serves at any "
                         "tensor-parallel size dividing B (default: 1)")
+    c.add_argument("--no-r1", action="store_true", help="skip the residual rotation R1 (baselines only)")
     c.add_argument("--no-r2", action="store_true", help="skip the per-head rotation R2")
     c.add_argument("--seed", type=int, default=None, help="random ±1 signs on R1 from this seed (default: none)")
     c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
@@ -97,7 +98,7 @@ def _convert(args) -> int:
 
     opts = Options(
         scheme="none" if args.no_quant else args.scheme, group_size=args.group_size, clip=args.clip,
-        online=args.online, expand=args.expand, seed=args.seed, dtype=args.dtype, r2=not args.no_r2,
+        online=args.online, expand=args.expand, seed=args.seed, dtype=args.dtype, r1=not args.no_r1, r2=not args.no_r2,
         force=args.force, progress=not args.quiet, tp_blocks=args.tp_blocks,
         gptq=args.gptq, saliency=args.saliency, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
     )

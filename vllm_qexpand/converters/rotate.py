@@ -19,6 +19,8 @@ from .state import ModelState, Part
 
 
 def setup_r1(state: ModelState) -> None:
+    if not state.options.r1:
+        return
     n, seed = state.hidden, state.options.seed
     kp = factor(n)
     if kp is None:
@@ -45,6 +47,8 @@ def _times_r1(state: ModelState, x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_r1(state: ModelState, part: Part) -> None:
+    if state.r1 is None:
+        return
     t = part.tensors
     if part.name == "embed":
         _rows_in_place(state, t["model.embed_tokens.weight"])

@@ -22,6 +22,7 @@ class Options:
     expand: list = field(default_factory=list)  # [(pattern, int)]: steps if < width, else a size
     seed: int | None = None
     dtype: str | None = None  # float tensors out; None = the source's torch_dtype
+    r1: bool = True
     r2: bool = True
     tp_blocks: int = 1  # online rotations block-diagonal in this many blocks (TP sizes dividing it)
     gptq: bool = False
