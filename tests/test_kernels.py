@@ -1,0 +1,349 @@
+"""Triton kernels vs their torch references, run by Triton's CPU interpreter.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when the kernel modules are
+first imported, so it is set here before any import of them; it must also stay set while
+interpreted kernels run (Triton checks it again at launch), so it is not restored. GPU tests
+(compiled kernels) run only on a CUDA machine with the interpreter off:
+
+    QEXPAND_TEST_COMPILED=1 pytest -m gpu tests/test_kernels.py
+"""
+import os
+
+if os.environ.get("QEXPAND_TEST_COMPILED") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vllm_qexpand import quant  # noqa: E402
+from vllm_qexpand.kernels import HAS_TRITON, interpreting  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_interpreter = pytest.mark.skipif(not interpreting(), reason="CPU tests need TRITON_INTERPRET=1")
+compiled_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or interpreting(), reason="needs CUDA and compiled Triton (QEXPAND_TEST_COMPILED=1)"
+)
+
+if HAS_TRITON:
+    from vllm_qexpand.kernels import hadamard_quant as hq
+    from vllm_qexpand.kernels import ops
+    from vllm_qexpand.kernels import w4a8_gemm as gm
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _act(t, n, seed, dtype=torch.float32):
+    g = _gen(seed)
+    x = torch.randn(t, n, generator=g) * (torch.rand(t, 1, generator=g) * 4 + 0.1)
+    return x.to(dtype)
+
+
+def _unpacked(codes, bits):
+    return hq.unpack_activation_int4(codes) if bits == 4 else codes
+
+
+def _check_codes(got, ref, bits):
+    """>= 99.9% of codes equal, the rest off by one (float summation order at .5 ties)."""
+    d = (_unpacked(got, bits).int() - _unpacked(ref, bits).int()).abs()
+    assert d.max().item() <= 1
+    assert (d == 0).float().mean().item() >= 0.999
+    return int((d != 0).sum())
+
+
+def _poisoned_act_outputs(t, size, bits):
+    codes_shape, scale_shape, sums_shape = hq.output_shapes(t, size, bits)
+    codes = torch.full(codes_shape, 0x5A, dtype=torch.int8 if bits == 8 else torch.uint8)
+    return codes, torch.full(scale_shape, float("nan")), torch.full(sums_shape, -(2**31), dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------- interpreter
+
+
+@needs_interpreter
+def test_interpreter_really_runs():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(hq._hadamard_quant_kernel, InterpretedFunction), "kernels imported before TRITON_INTERPRET=1"
+    assert isinstance(gm._w4_gemm_kernel, InterpretedFunction)
+    codes, scale, sums = hq.hadamard_quant(torch.ones(1, 64), 64, 0, 1, 8)  # CPU tensors: only the interpreter runs these
+    assert codes.eq(127).all() and scale.item() == pytest.approx(1 / 127) and sums.item() == 127 * 64
+
+
+# ----------------------------------------------------------------------------- hadamard_quant
+
+# (T, N, M, k, blocks, bits, dtype, tokens per program)
+HQ_CASES = [
+    (3, 64, 64, 1, 1, 8, torch.float32, None),
+    (17, 576, 576, 36, 1, 8, torch.float32, 4),
+    (1, 1536, 1536, 12, 1, 4, torch.float32, None),
+    (17, 1536, 1664, 52, 1, 8, torch.float32, 2),
+    (3, 1536, 1664, 52, 1, 4, torch.bfloat16, None),
+    (3, 2240, 2240, 140, 1, 4, torch.float32, None),
+    (3, 1024, 1152, 36, 2, 8, torch.float32, None),
+    (3, 80, 96, 0, 1, 4, torch.float32, None),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("t,n,m,k,blocks,bits,dtype,tokens", HQ_CASES)
+def test_hadamard_quant_matches_reference(t, n, m, k, blocks, bits, dtype, tokens):
+    x = _act(t, n, seed=m + t + bits, dtype=dtype)
+    if t > 1:
+        x[1] = 0  # an all-zero token: scale 1, codes 0
+    out = _poisoned_act_outputs(t, m, bits)
+    codes, scale, sums = hq.hadamard_quant(x, m, k, blocks, bits, tokens_per_program=tokens, out=out)
+    assert all(a is b for a, b in zip((codes, scale, sums), out))
+    ref_codes, ref_scale, ref_sums = hq.hadamard_quant_reference(x, m, k, blocks, bits)
+    assert codes.shape == ref_codes.shape and codes.dtype == ref_codes.dtype
+    mismatches = _check_codes(codes, ref_codes, bits)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-5, atol=0)
+    assert torch.equal(sums, _unpacked(codes, bits).int().sum(1, dtype=torch.int32))
+    assert (sums - ref_sums).abs().sum().item() <= mismatches
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_rounds_half_to_even(bits):
+    qm = 2 ** (bits - 1) - 1
+    x = torch.zeros(2, 16)
+    x[0, :8] = torch.tensor([qm, 0.5, 1.5, 2.5, -2.5, -0.5, 3.5, -qm])  # scale 1: exact ties
+    x[1, :3] = torch.tensor([-qm, 4.5, -1.5])
+    codes, _, sums = hq.hadamard_quant(x, 16, 0, 1, bits)
+    ref, _, ref_sums = hq.hadamard_quant_reference(x, 16, 0, 1, bits)
+    assert torch.equal(codes, ref) and torch.equal(sums, ref_sums)
+    assert _unpacked(codes, bits)[0, :8].tolist() == [qm, 0, 2, 2, -2, 0, 4, -qm]
+
+
+def test_plan_covers_the_block():
+    for size, k, blocks in [(64, 1, 1), (576, 36, 1), (1664, 52, 1), (2240, 140, 1), (1152, 36, 2), (14336, 28, 1), (17920, 140, 1)]:
+        p = hq.plan(size, k, blocks)
+        assert p.r * p.p2 == size // blocks and p.rows >= blocks * p.rb >= blocks * p.r and p.pb >= p.p2
+        hrow, hcol = hq.hadamard_operands(size, k, blocks)
+        assert hrow.shape == (p.rows, p.rows) and hcol.shape == (p.pb, p.pb)
+    with pytest.raises(ValueError):
+        hq.plan(1000, 12, 1)
+
+
+# ----------------------------------------------------------------------------- GEMM
+
+
+def test_repack_layout_and_sums():
+    q = torch.randint(-8, 8, (5, 48), generator=_gen(1), dtype=torch.int8)
+    packed = quant.pack_int4(q)
+    w = gm.repack_for_kernel(packed)
+    u = (q.int() + 8).reshape(5, 24, 2)
+    assert w.dtype == torch.uint8 and torch.equal(w.int(), u[..., 0] | (u[..., 1] << 4))
+    assert torch.equal(gm.weight_code_sums(packed), q.int().sum(1, dtype=torch.int32))
+    # the activation packing of hadamard_quant (bits 4) is the same nibble layout
+    assert torch.equal(hq.unpack_activation_int4(w), q)
+
+
+def _gemm_inputs(t, n, k, bits, group_size, seed):
+    g = _gen(seed)
+    wq = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    wscale = torch.rand(n, k // group_size if group_size else 1, generator=g) * 0.01 + 1e-3
+    lim = 8 if bits == 4 else 128
+    a = torch.randint(-lim, lim, (t, k), generator=g, dtype=torch.int8)
+    if bits == 8:
+        a[0, :4] = torch.tensor([-128, 127, -128, 127], dtype=torch.int8)  # range ends
+    ascale = torch.rand(t, 1, generator=g) + 0.1
+    return a, ascale, a.int().sum(1, dtype=torch.int32), quant.pack_int4(wq), wscale, torch.randn(n, generator=g)
+
+
+# (T, N, K, act bits, group size, config, out dtype, bias)
+GEMM_CASES = [
+    (1, 32, 64, 8, 0, dict(BM=16, BN=32, BK=32, split_k=1), torch.float32, False),
+    (17, 48, 576, 8, 0, dict(BM=16, BN=32, BK=64, split_k=1), torch.bfloat16, True),
+    (3, 32, 1664, 8, 0, dict(BM=16, BN=32, BK=64, split_k=3), torch.float16, False),
+    (17, 40, 2240, 4, 0, dict(BM=16, BN=32, BK=64, split_k=1), torch.float32, True),
+    (1, 32, 1536, 4, 0, dict(BM=16, BN=32, BK=64, split_k=4), torch.bfloat16, True),
+    (3, 32, 256, 8, 64, dict(BM=16, BN=32, BK=32, split_k=1), torch.float32, False),
+    (3, 32, 192, 4, 64, dict(BM=16, BN=32, BK=64, split_k=1), torch.float32, True),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("t,n,k,bits,group,config,dtype,with_bias", GEMM_CASES)
+def test_w4_gemm_matches_reference(t, n, k, bits, group, config, dtype, with_bias):
+    a, ascale, asum, wpacked, wscale, bias = _gemm_inputs(t, n, k, bits, group, seed=t * k + n)
+    bias = bias if with_bias else None
+    w = gm.repack_for_kernel(wpacked)
+    out = torch.full((t, n), float("nan"), dtype=dtype)
+    assert config.get("fast", gm._fast_default(a.device)) is False
+    if bits == 8:
+        y = gm.w4a8_gemm(a, ascale, asum, w, wscale, group, dtype, bias, config=config, out=out)
+    else:
+        ap = quant.pack_int4(a).view(torch.uint8)
+        y = gm.w4a4_gemm(ap, ascale, asum, w, gm.weight_code_sums(wpacked), wscale, group, dtype, bias, config=config, out=out)
+    assert y is out and not y.isnan().any()
+    ref = gm.w4_gemm_reference(a, ascale, wpacked, wscale, group, torch.float64, bias)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@needs_interpreter
+def test_default_config_split_k_path():
+    # the op path (default config): M = 3 on "8 SMs" picks split-K
+    a, ascale, asum, wpacked, wscale, _ = _gemm_inputs(3, 24, 1024, 8, 0, seed=5)
+    assert gm.default_config(3, 24, 1024, a.device)["split_k"] > 1
+    y = gm.w4a8_gemm(a, ascale, asum, gm.repack_for_kernel(wpacked), wscale, 0, torch.float32)
+    ref = gm.w4_gemm_reference(a, ascale, wpacked, wscale, 0, torch.float64)
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+# ----------------------------------------------------------------------------- ops / linear
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bits", [8, 4])
+def test_ops_opcheck(bits):
+    x = _act(3, 48, seed=3)
+    hrow, hcol = hq.hadamard_operands(64, 1, 1)
+    torch.library.opcheck(torch.ops.qexpand.hadamard_quant.default, (x, hrow, hcol, 64, 1, 1, bits))
+    codes, scale, sums = torch.ops.qexpand.hadamard_quant(x, hrow, hcol, 64, 1, 1, bits)
+    _, _, _, wpacked, wscale, bias = _gemm_inputs(3, 16, 64, bits, 0, seed=4)
+    w = gm.repack_for_kernel(wpacked)
+    if bits == 8:
+        args = (codes, scale, sums, w, wscale, 0, torch.bfloat16, bias)
+        torch.library.opcheck(torch.ops.qexpand.w4a8_gemm.default, args)
+    else:
+        args = (codes, scale, sums, w, gm.weight_code_sums(wpacked), wscale, 0, torch.float32, None)
+        torch.library.opcheck(torch.ops.qexpand.w4a4_gemm.default, args)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "bits,n,rotation,dtype",
+    [
+        (8, 1536, (1664, 52, 1), torch.float32),
+        (4, 1536, (1664, 52, 1), torch.bfloat16),
+        (4, 1024, (1152, 36, 2), torch.float32),
+        (8, 192, None, torch.float32),
+    ],
+)
+def test_linear_matches_qlinear(bits, n, rotation, dtype):
+    m = rotation[0] if rotation else n
+    g = _gen(m + bits)
+    wq = torch.randint(-8, 8, (24, m), generator=g, dtype=torch.int8)
+    wscale = torch.rand(24, 1, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(24, generator=g).to(dtype)
+    x = _act(5, n, seed=m, dtype=dtype).reshape(1, 5, n)
+    prepared = ops.prepare_weights(quant.pack_int4(wq), wscale, rotation=rotation, act_dtype=dtype)
+    y = ops.qexpand_linear_gpu(x, **prepared, act_bits=bits, rotation=rotation, bias=bias)
+    assert y.shape == (1, 5, 24) and y.dtype == dtype
+    ref = quant.qlinear(x, quant.dequantize_weight(wq, wscale), act_bits=bits, rotation=rotation) + bias.float()
+    tol = 1e-4 if dtype == torch.float32 else 8e-3
+    assert (y.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    # the plugin's current call: checkpoint layout, derived tensors computed on the fly
+    y2 = ops.qexpand_linear_gpu(x, quant.pack_int4(wq), wscale, act_bits=bits, rotation=rotation, bias=bias, hk=None)
+    assert torch.equal(y, y2)
+
+
+def test_linear_refuses_w4a16():
+    with pytest.raises(NotImplementedError, match="Machete"):
+        ops.qexpand_linear_gpu(torch.zeros(1, 8), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1), act_bits=None)
+
+
+def test_import_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from vllm_qexpand.kernels import HAS_TRITON, ops, hadamard_quant as hq, w4a8_gemm as gm\n"
+        "assert not HAS_TRITON and not ops.OPS_REGISTERED\n"
+        "c, s, n = hq.hadamard_quant_reference(torch.randn(2, 64), 64, 1)\n"
+        "assert c.shape == (2, 64)\n"
+        "try:\n    hq.hadamard_quant(torch.randn(2, 64), 64, 1)\nexcept RuntimeError as e:\n    print('refused', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "refused" in res.stdout
+
+
+def test_compiles_for_sm90_without_a_gpu():
+    """Ahead-of-time compile (Triton + bundled ptxas) of the GPU-only paths: inline PTX, wgmma, tf32x3, smem."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-W", "ignore", "-m", "vllm_qexpand.kernels.aot", "--arch", "90", "--quick"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "3/3 configurations compiled within limits" in res.stdout
+
+
+# ----------------------------------------------------------------------------- benchmark script
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("qexpand_bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_dry_run(capsys):
+    bk = _bench_module()
+    rows = bk.plan_rows()
+    ks = {r["K"] for r in rows}
+    assert {8960, 10240, 12288, 15360, 17920, 14336, 2048} <= ks
+    assert {r["M"] for r in rows} == {1, 16, 64, 256, 1024, 4096, 8192}
+    assert not [r for r in rows if r["kernel"] == "int_mm" and r["M"] <= 16]
+    assert bk.main(["--dry-run", "--models", "1b", "--m", "1"]) == 0
+    assert "rows" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert bk.main(["--models", "1b", "--m", "1"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@needs_interpreter
+def test_benchmark_code_paths_on_cpu():
+    bk = _bench_module()
+    meta = {"_model": "tiny", "_layer": "down", "_N_in": 48}
+    rows = [{"kernel": kn, "M": 3, "N": 32, "K": 64, "baseline": "cublas_bf16", **meta} for kn in ("w4a4", "linear_w4a8")]
+    rows.append({"kernel": "hadamard_quant4", "M": 3, "N": 48, "K": 64, "baseline": "memcpy", **meta})
+    res = bk.run(rows, log=lambda *_: None, device="cpu", bench=lambda fn: (fn(), 2.0)[1])
+    assert [r["kernel"] for r in res] == ["w4a4", "linear_w4a8", "hadamard_quant4"]
+    assert set(res[0]) == {"kernel", "M", "N", "K", "ms", "baseline", "baseline_ms", "ratio"}
+
+
+# ----------------------------------------------------------------------------- GPU (compiled)
+
+
+@pytest.mark.gpu
+@compiled_gpu
+@pytest.mark.parametrize("n,m,k", [(4096, 4096, 1), (14336, 14336, 28), (14336, 17920, 140), (8192, 8960, 140)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_hadamard_quant(n, m, k, bits):
+    x = _act(257, n, seed=n).to(torch.bfloat16).cuda()
+    codes, scale, sums = hq.hadamard_quant(x, m, k, 1, bits)
+    ref_codes, ref_scale, _ = hq.hadamard_quant_reference(x.cpu(), m, k, 1, bits)
+    _check_codes(codes.cpu(), ref_codes, bits)
+    torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1e-5, atol=0)
+
+
+
+@pytest.mark.gpu
+@compiled_gpu
+@pytest.mark.parametrize("t", [1, 16, 100, 1024])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("fast", [True, False])
+def test_gpu_w4_gemm(t, bits, fast):
+    n, k = 1024, 4096
+    a, ascale, asum, wpacked, wscale, bias = _gemm_inputs(t, n, k, bits, 0, seed=t)
+    ref = gm.w4_gemm_reference(a, ascale, wpacked, wscale, 0, torch.float64, bias)
+    dev = lambda z: z.cuda()  # noqa: E731
+    w = gm.repack_for_kernel(dev(wpacked))
+    if bits == 8:
+        y = gm.w4a8_gemm(dev(a), dev(ascale), dev(asum), w, dev(wscale), 0, torch.float32, dev(bias), config={"fast": fast})
+    else:
+        ap = dev(quant.pack_int4(a).view(torch.uint8))
+        y = gm.w4a4_gemm(ap, dev(ascale), dev(asum), w, gm.weight_code_sums(dev(wpacked)), dev(wscale), 0, torch.float32, dev(bias), config={"fast": fast})
+    assert (y.cpu().double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+

@@ -1,0 +1,181 @@
+"""``torch.ops.qexpand.*`` custom ops over the Triton kernels, and the GPU linear entry point.
+
+Ops (registered with ``torch.library.custom_op`` when Triton is importable, so they do not
+depend on any vLLM version; each has a fake impl for torch.compile / CUDA-graph tracing):
+
+- ``qexpand::hadamard_quant(Tensor x, Tensor hrow, Tensor hcol, int size, int k, int blocks,
+  int bits) -> (Tensor codes, Tensor scale, Tensor sums)``
+- ``qexpand::w4a8_gemm(Tensor a, Tensor a_scale, Tensor a_sum, Tensor weight,
+  Tensor weight_scale, int group_size, ScalarType out_dtype, Tensor? bias) -> Tensor``
+- ``qexpand::w4a4_gemm(Tensor a, Tensor a_scale, Tensor a_sum, Tensor weight,
+  Tensor weight_sums, Tensor weight_scale, int group_size, ScalarType out_dtype,
+  Tensor? bias) -> Tensor``
+
+They are registered for CUDA; when the Triton interpreter is on (TRITON_INTERPRET=1 at
+import) also for CPU, which is how the CPU tests run them.
+
+The plugin calls :func:`prepare_weights` once per layer (``process_weights_after_loading``)
+and :func:`qexpand_linear_gpu` in ``apply`` with those tensors as keyword arguments.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import HAS_TRITON, interpreting
+from .hadamard_quant import hadamard_operands, output_shapes
+from .w4a8_gemm import repack_for_kernel, weight_code_sums
+
+OPS_REGISTERED = False
+
+_OPERANDS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rotation_operands(
+    rotation: Tuple[int, int, int], act_dtype: torch.dtype, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hrow, hcol) for a rotation (size, k, blocks), built once per (rotation, dtype, device)."""
+    key = (tuple(rotation), act_dtype, torch.device(device))
+    if key not in _OPERANDS:
+        _OPERANDS[key] = hadamard_operands(rotation[0], rotation[1], rotation[2], act_dtype, device)
+    return _OPERANDS[key]
+
+
+def prepare_weights(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    *,
+    rotation: Optional[Tuple[int, int, int]] = None,
+    act_dtype: torch.dtype = torch.bfloat16,
+) -> Dict[str, torch.Tensor]:
+    """Load-time tensors for :func:`qexpand_linear_gpu` (call in ``process_weights_after_loading``).
+
+    Returns, on weight_packed's device: ``weight`` (uint8 [out, M/2], :func:`repack_for_kernel`),
+    ``weight_scale`` (float32), ``weight_sums`` (int32 [out], used by W4A4) and, with a
+    rotation (size, k, blocks), ``hrow`` / ``hcol`` (its ±1 matrices). Pass them as keyword
+    arguments: ``qexpand_linear_gpu(x, **prepared, act_bits=..., group_size=..., rotation=...)``.
+    """
+    out = {
+        "weight": repack_for_kernel(weight_packed),
+        "weight_scale": weight_scale.to(torch.float32).contiguous(),
+        "weight_sums": weight_code_sums(weight_packed),
+    }
+    if rotation is not None:
+        hrow, hcol = hadamard_operands(rotation[0], rotation[1], rotation[2], act_dtype, weight_packed.device)
+        out.update(hrow=hrow, hcol=hcol)
+    return out
+
+
+def qexpand_linear_gpu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    *,
+    act_bits: Optional[int],
+    group_size: int = 0,
+    rotation: Optional[Tuple[int, int, int]] = None,
+    bias: Optional[torch.Tensor] = None,
+    weight_sums: Optional[torch.Tensor] = None,
+    hrow: Optional[torch.Tensor] = None,
+    hcol: Optional[torch.Tensor] = None,
+    hk: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The qexpand linear on GPU: x [..., N] -> [..., out] in x.dtype (docs/format.md, run time).
+
+    pad N -> M + online Hadamard + per-token quantization (``qexpand::hadamard_quant``), then
+    the W4A8 / W4A4 GEMM. ``rotation`` is this rank's (size M, k, blocks) or None (then
+    M = N, quantization only). ``weight`` is the checkpoint's int32 [out, M/8] or, better,
+    the uint8 from :func:`prepare_weights`, which also gives ``weight_sums`` / ``hrow`` /
+    ``hcol``. Any of those left None is derived here on every call (``weight_sums``: a pass
+    over the weight, W4A4 only; the matrices: a per-process cache): correct but slower, and
+    not something a CUDA-graph capture should be the first to run. ``hk`` is accepted and
+    unused (the matrices already hold H_K). ``act_bits=None`` (W4A16) is refused: use
+    vLLM's Machete/Marlin kernels.
+    """
+    if act_bits not in (4, 8):
+        raise NotImplementedError(
+            f"qexpand_linear_gpu: act_bits={act_bits}; W4A16 should use vLLM's Machete/Marlin kernels "
+            "(our value+8 nibbles are vLLM's uint4b8)"
+        )
+    if weight.dtype == torch.int32:
+        if act_bits == 4 and weight_sums is None:
+            weight_sums = weight_code_sums(weight)
+        weight = repack_for_kernel(weight)
+    elif act_bits == 4 and weight_sums is None:
+        raise ValueError("W4A4 with a repacked weight needs weight_sums (see prepare_weights)")
+    if rotation is None:
+        size, k, blocks = x.shape[-1], 0, 1
+        hrow = hcol = weight_scale  # unused placeholders
+    else:
+        size, k, blocks = rotation
+        if hrow is None or hcol is None:
+            hrow, hcol = rotation_operands(rotation, x.dtype, x.device)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    codes, scale, sums = torch.ops.qexpand.hadamard_quant(x2, hrow, hcol, size, k, blocks, act_bits)
+    if act_bits == 8:
+        y = torch.ops.qexpand.w4a8_gemm(codes, scale, sums, weight, weight_scale, group_size, x.dtype, bias)
+    else:
+        y = torch.ops.qexpand.w4a4_gemm(codes, scale, sums, weight, weight_sums, weight_scale, group_size, x.dtype, bias)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def _register() -> None:
+    from . import hadamard_quant as hq
+    from . import w4a8_gemm as gm
+
+    devices = ("cuda", "cpu") if interpreting() else ("cuda",)
+
+    @torch.library.custom_op("qexpand::hadamard_quant", mutates_args=(), device_types=devices)
+    def hadamard_quant(
+        x: torch.Tensor, hrow: torch.Tensor, hcol: torch.Tensor, size: int, k: int, blocks: int, bits: int
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None)
+
+    @hadamard_quant.register_fake
+    def _(x, hrow, hcol, size, k, blocks, bits):
+        codes, scale, sums = output_shapes(x.shape[0], size, bits)
+        return (
+            x.new_empty(codes, dtype=torch.int8 if bits == 8 else torch.uint8),
+            x.new_empty(scale, dtype=torch.float32),
+            x.new_empty(sums, dtype=torch.int32),
+        )
+
+    @torch.library.custom_op("qexpand::w4a8_gemm", mutates_args=(), device_types=devices)
+    def w4a8_gemm(
+        a: torch.Tensor,
+        a_scale: torch.Tensor,
+        a_sum: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        group_size: int,
+        out_dtype: torch.dtype,
+        bias: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        return gm.w4a8_gemm(a, a_scale, a_sum, weight, weight_scale, group_size, out_dtype, bias)
+
+    @w4a8_gemm.register_fake
+    def _(a, a_scale, a_sum, weight, weight_scale, group_size, out_dtype, bias):
+        return a.new_empty((a.shape[0], weight.shape[0]), dtype=out_dtype)
+
+    @torch.library.custom_op("qexpand::w4a4_gemm", mutates_args=(), device_types=devices)
+    def w4a4_gemm(
+        a: torch.Tensor,
+        a_scale: torch.Tensor,
+        a_sum: torch.Tensor,
+        weight: torch.Tensor,
+        weight_sums: torch.Tensor,
+        weight_scale: torch.Tensor,
+        group_size: int,
+        out_dtype: torch.dtype,
+        bias: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        return gm.w4a4_gemm(a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias)
+
+    @w4a4_gemm.register_fake
+    def _(a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias):
+        return a.new_empty((a.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+if HAS_TRITON:
+    _register()
+    OPS_REGISTERED = True

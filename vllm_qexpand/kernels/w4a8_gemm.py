@@ -1,0 +1,355 @@
+"""int4-weight GEMM with int8 (W4A8) or packed int4 (W4A4) activation codes (Triton) + reference.
+
+y[t, n] = a_scale[t] · Σ_k a[t, k] · w[n, k] · w_scale[n, ·]  (+ bias[n]), in the output dtype.
+
+Weight layout (``repack_for_kernel``): uint8 [N, K/2], row n holding two value+8 codes per
+byte, the low nibble for the even input. This is the checkpoint's int32 packing read as
+little-endian bytes, so the repack is a contiguous byte view; it stays the single hook for
+a later fragment-ordered layout. Rows are K-contiguous, the operand order int8 wgmma wants.
+
+Activations: W4A8 takes int8 codes [T, K]; W4A4 takes the ``hadamard_quant`` bits=4 output,
+uint8 [T, K/2] in the same nibble layout as the weights.
+
+Main loop: a [BN, BK/2] byte tile is unpacked to [BN, BK] int8 values 0..15 (low and high
+nibbles interleaved back into k order) and fed to an int8 ``tl.dot`` with int32 accumulation.
+The zero points are removed once, in the epilogue, with the per-token code sums Σa from
+``hadamard_quant`` and the per-channel weight code sums Σw from ``weight_code_sums``:
+
+- W4A8: Σ a·(w+8) = Σ a·w + 8·Σa,
+- W4A4: Σ (a+8)·(w+8) = Σ a·w + 8·Σa + 8·Σw + 64·K.
+
+The unpack has two implementations behind the ``FAST`` constexpr with identical results:
+an inline-PTX version working on four bytes per 32-bit register (GPU only) and a plain
+``tl`` version (the interpreter cannot run inline asm).
+
+Small M: ``split_k`` > 1 runs the K range in slices that add their int32 partial sums with
+atomics into a zeroed int32 buffer; a second small kernel applies the epilogue.
+
+Grouped weight scales (``group_size`` > 0, a multiple of BK): codes are made signed in
+registers and each K tile's int32 dot is scaled by its group's scale into a float32
+accumulator (no epilogue correction, no split-K).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .. import quant
+from . import HAS_TRITON, interpreting
+
+# ----------------------------------------------------------------------------- weights / reference
+
+
+def repack_for_kernel(weight_packed: torch.Tensor) -> torch.Tensor:
+    """Checkpoint int32 [N, K/8] (quant.pack_int4) -> kernel layout uint8 [N, K/2] (see module doc)."""
+    if weight_packed.dtype != torch.int32 or weight_packed.dim() != 2:
+        raise ValueError(f"weight_packed must be int32 [N, K/8], got {weight_packed.dtype} {tuple(weight_packed.shape)}")
+    if sys.byteorder != "little":  # pragma: no cover
+        raise RuntimeError("the byte view of the int32 packing assumes a little-endian host")
+    return weight_packed.contiguous().view(torch.uint8)
+
+
+def weight_code_sums(weight_packed: torch.Tensor) -> torch.Tensor:
+    """Per output channel signed code sum Σ_k w[n, k] (int32 [N]), needed by the W4A4 epilogue.
+
+    Runs on weight_packed's device, 1024 rows at a time (bounded temporary memory).
+    """
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight_packed.device)
+    k = weight_packed.shape[1] * quant.PACK
+    parts = [
+        (((rows.unsqueeze(-1) >> shifts) & 0xF).sum(dim=(1, 2)) - 8 * k).to(torch.int32)
+        for rows in weight_packed.split(1024)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32, device=weight_packed.device)
+
+
+def w4_gemm_reference(
+    a_codes: torch.Tensor,
+    a_scale: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    group_size: int = 0,
+    out_dtype: torch.dtype = torch.float32,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference from signed activation codes (int8 [T, K]) and the checkpoint weight.
+
+    Integer products are summed exactly (float64), then scaled: the kernels differ from
+    this only by float32 rounding of the scaling.
+    """
+    w = quant.unpack_int4(weight_packed).to(torch.float64)
+    a = a_codes.to(torch.float64)
+    if group_size:
+        g = group_size
+        parts = torch.einsum("tgk,ngk->tng", a.reshape(a.shape[0], -1, g), w.reshape(w.shape[0], -1, g))
+        y = (parts * weight_scale.to(torch.float64)).sum(-1)
+    else:
+        y = (a @ w.t()) * weight_scale.to(torch.float64).reshape(1, -1)
+    y = y * a_scale.to(torch.float64).reshape(-1, 1)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- configs
+
+# (BM, BN, BK, num_warps, num_stages). Not timed on a GPU yet (benchmarks/kernels.py --tune
+# sweeps); picked so that ptxas reports no register spills for sm_90 (python -m
+# vllm_qexpand.kernels.aot --ptxas-info), unlike e.g. 128x128x128 or 256x128x*.
+_CONFIGS = {
+    "decode": (16, 64, 128, 4, 4),
+    "small": (64, 128, 128, 8, 4),
+    "large": (128, 128, 64, 8, 4),
+}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def default_config(m: int, n: int, k: int, device: torch.device, group_size: int = 0) -> dict:
+    """Tile sizes, split-K and launch options for a GEMM of M tokens, N outputs, K inputs."""
+    key = "decode" if m <= 16 else "small" if m <= 64 else "large"
+    bm, bn, bk, warps, stages = _CONFIGS[key]
+    if group_size:
+        bk = min(bk, group_size & -group_size)  # a power of two dividing the group
+    split = 1
+    tiles = -(-m // bm) * -(-n // bn)
+    k_tiles = -(-k // bk)
+    if not group_size and tiles < _sm_count(device):
+        # enough CTAs to fill the GPU, but keep >= 4 K tiles per slice
+        split = max(1, min(2 * _sm_count(device) // tiles, k_tiles // 4, 16))
+    return {"BM": bm, "BN": bn, "BK": bk, "split_k": split, "num_warps": warps, "num_stages": stages}
+
+
+# ----------------------------------------------------------------------------- kernels
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _unpack(p, FAST: tl.constexpr):
+        """uint8 [R, C] of two value+8 nibbles -> int8 [R, 2C] values 0..15 in k order."""
+        if FAST:
+            lo, hi = tl.inline_asm_elementwise(
+                "and.b32 $0, $2, 0x0F0F0F0F;\n"
+                "shr.b32 $1, $2, 4;\n"
+                "and.b32 $1, $1, 0x0F0F0F0F;",
+                "=r,=r,r",
+                [p],
+                dtype=(tl.uint8, tl.uint8),
+                is_pure=True,
+                pack=4,
+            )
+        else:
+            lo = p & 0xF
+            hi = p >> 4
+        return tl.interleave(lo, hi).to(tl.int8)
+
+    @triton.jit
+    def _epilogue(acc, offs_m, offs_n, M, N, K, as_ptr, asum_ptr, wsum_ptr, ws_ptr, stride_ws,
+                  bias_ptr, out_ptr, stride_om, A_PACKED: tl.constexpr, GROUPED: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+        """Zero-point correction (per-channel path), scales, bias, cast and store."""
+        mm = offs_m < M
+        nm = offs_n < N
+        if GROUPED:
+            y = acc  # float32, weight scales already applied
+        else:
+            corr = 8 * tl.load(asum_ptr + offs_m, mask=mm, other=0)[:, None]
+            if A_PACKED:
+                corr = corr + 8 * tl.load(wsum_ptr + offs_n, mask=nm, other=0)[None, :] + 64 * K
+            y = (acc - corr).to(tl.float32)
+            y = y * tl.load(ws_ptr + offs_n * stride_ws, mask=nm, other=0.0)[None, :]
+        y = y * tl.load(as_ptr + offs_m, mask=mm, other=0.0)[:, None]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=nm, other=0.0).to(tl.float32)[None, :]
+        ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+    @triton.jit
+    def _w4_gemm_kernel(
+        a_ptr, as_ptr, asum_ptr, w_ptr, wsum_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
+        M, N, K, K_SLICE, stride_am, stride_wn, stride_ws, stride_om,
+        A_PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FAST: tl.constexpr,
+    ):
+        # grouped tile order along M for L2 reuse of the weight tiles
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % size_m
+        pid_n = (pid % per_group) // size_m
+
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mm = offs_m < M
+        nm = offs_n < N
+        a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        KH = K // 2
+
+        k_lo = tl.program_id(1) * K_SLICE
+        k_hi = tl.minimum(k_lo + K_SLICE, K)
+        if GROUP > 0:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_h = k0 // 2 + tl.arange(0, BK // 2)
+            hm = offs_h < KH
+            # padding: w = 0 (byte 0x88); a = 0 (int8) or, packed, 0x00 (value+8 = 0 so the
+            # product vanishes) on the per-channel path and 0x88 (a = 0) on the grouped one
+            wp = tl.load(w_rows + offs_h[None, :], mask=nm[:, None] & hm[None, :], other=0x88)
+            b = tl.trans(_unpack(wp, FAST))
+            if A_PACKED:
+                ap = tl.load(a_rows + offs_h[None, :], mask=mm[:, None] & hm[None, :],
+                             other=0x88 if GROUP > 0 else 0)
+                a = _unpack(ap, FAST)
+            else:
+                offs_k = k0 + tl.arange(0, BK)
+                a = tl.load(a_rows + offs_k[None, :], mask=mm[:, None] & (offs_k < K)[None, :], other=0)
+            if GROUP > 0:
+                if A_PACKED:
+                    a = a - 8
+                part = tl.dot(a, b - 8, out_dtype=tl.int32)
+                wsg = tl.load(ws_ptr + offs_n * stride_ws + k0 // GROUP, mask=nm, other=0.0)
+                acc += part.to(tl.float32) * wsg[None, :]
+            else:
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+
+        if SPLIT_K > 1:
+            ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.atomic_add(ptrs, acc, mask=mm[:, None] & nm[None, :])
+        else:
+            _epilogue(acc, offs_m, offs_n, M, N, K, as_ptr, asum_ptr, wsum_ptr, ws_ptr, stride_ws,
+                      bias_ptr, out_ptr, stride_om, A_PACKED, GROUP > 0, HAS_BIAS)
+
+    @triton.jit
+    def _split_k_epilogue_kernel(
+        part_ptr, as_ptr, asum_ptr, wsum_ptr, ws_ptr, bias_ptr, out_ptr,
+        M, N, K, stride_ws, stride_om,
+        A_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ):
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        acc = tl.load(part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        _epilogue(acc, offs_m, offs_n, M, N, K, as_ptr, asum_ptr, wsum_ptr, ws_ptr, stride_ws,
+                  bias_ptr, out_ptr, stride_om, A_PACKED, False, HAS_BIAS)
+
+
+def _fast_default(device: torch.device) -> bool:
+    return device.type == "cuda" and not interpreting() and torch.version.hip is None
+
+
+def _launch(
+    a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, a_packed, config, out
+):
+    if not HAS_TRITON:
+        raise RuntimeError("the W4 GEMM needs Triton")
+    t = a.shape[0]
+    k = a.shape[1] * (2 if a_packed else 1)
+    n = weight.shape[0]
+    if weight.dtype != torch.uint8 or weight.shape[1] * 2 != k:
+        raise ValueError(f"weight must be uint8 [N, {k // 2}] (repack_for_kernel), got {weight.dtype} {tuple(weight.shape)}")
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    ws = weight_scale.to(torch.float32).reshape(n, -1)
+    a_scale = a_scale.to(torch.float32).reshape(-1).contiguous()
+    a_sum = a_sum.to(torch.int32).reshape(-1).contiguous() if a_sum is not None else None
+    if a_scale.numel() != t or (a_sum is not None and a_sum.numel() != t):
+        raise ValueError(f"a_scale / a_sum must have one entry per token ({t})")
+    if group_size:
+        if ws.shape[1] != k // group_size or k % group_size:
+            raise ValueError(f"weight_scale {tuple(weight_scale.shape)} does not match K={k}, group_size={group_size}")
+    elif ws.shape[1] != 1:
+        raise ValueError(f"per-channel weight_scale must be [N, 1], got {tuple(weight_scale.shape)}")
+    cfg = default_config(t, n, k, a.device, group_size)
+    cfg.update(config or {})
+    bm, bn, bk, split = cfg["BM"], cfg["BN"], cfg["BK"], cfg["split_k"]
+    if group_size and (group_size % bk or split != 1):
+        raise ValueError(f"grouped scales need BK dividing group_size ({bk} vs {group_size}) and split_k = 1")
+    if out is None:
+        out = torch.empty(t, n, dtype=out_dtype, device=a.device)
+    elif out.shape != (t, n) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{t}, {n}] with unit stride on the last dim")
+    if bias is not None:
+        bias = bias.contiguous()
+    if t == 0 or n == 0:
+        return out
+    k_tiles = -(-k // bk)
+    split = max(1, min(split, k_tiles))
+    k_slice = -(-k_tiles // split) * bk
+    split = -(-k // k_slice)
+    part = torch.zeros(t, n, dtype=torch.int32, device=a.device) if split > 1 else out
+    a_sum = a_sum if a_sum is not None else ws
+    weight_sums = weight_sums if weight_sums is not None else ws
+    bias_arg = bias if bias is not None else ws
+    fast = cfg.get("fast", _fast_default(a.device))
+    grid = (triton.cdiv(t, bm) * triton.cdiv(n, bn), split)
+    _w4_gemm_kernel[grid](
+        a, a_scale, a_sum, weight, weight_sums, ws, bias_arg, out, part,
+        t, n, k, k_slice, a.stride(0), weight.stride(0), ws.stride(0), out.stride(0),
+        A_PACKED=a_packed, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
+        BM=bm, BN=bn, BK=bk, GROUP_M=8, FAST=fast,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if split > 1:
+        ebm, ebn = 16, 64
+        _split_k_epilogue_kernel[(triton.cdiv(t, ebm), triton.cdiv(n, ebn))](
+            part, a_scale, a_sum, weight_sums, ws, bias_arg, out,
+            t, n, k, ws.stride(0), out.stride(0),
+            A_PACKED=a_packed, HAS_BIAS=bias is not None, BM=ebm, BN=ebn, num_warps=4,
+        )
+    return out
+
+
+def w4a8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_sum: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    group_size: int = 0,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W4A8: int8 codes a [T, K], a_scale f32 [T, 1], a_sum i32 [T], weight uint8 [N, K/2] -> [T, N].
+
+    ``config`` overrides :func:`default_config` keys (BM, BN, BK, split_k, num_warps,
+    num_stages, fast); ``out`` is a preallocated [T, N] output.
+    """
+    return _launch(a, a_scale, a_sum, weight, None, weight_scale, group_size, out_dtype, bias, False, config, out)
+
+
+def w4a4_gemm(
+    a_packed: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_sum: torch.Tensor,
+    weight: torch.Tensor,
+    weight_sums: torch.Tensor,
+    weight_scale: torch.Tensor,
+    group_size: int = 0,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W4A4: packed codes a_packed uint8 [T, K/2] (hadamard_quant bits=4) and weight_sums i32 [N]."""
+    return _launch(
+        a_packed, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, True, config, out
+    )
