@@ -72,11 +72,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return (u - 8).reshape(out, w * PACK).to(torch.int8)
 
 
-def quantize_activation(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric per-token quantization: (codes as x.dtype-free float32, scale [T, 1])."""
+def quantize_activation(
+    x: torch.Tensor, bits: int, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token quantization: (codes as x.dtype-free float32, scale [T, 1]).
+
+    `amax` [T, 1] replaces max|x| per token, e.g. the maximum over the tensor-parallel ranks
+    that each hold a slice of the token (so every rank quantizes with the full token's scale).
+    """
     qm = qmax(bits)
     xf = x.to(torch.float32)
-    scale = xf.abs().amax(dim=-1, keepdim=True) / qm
+    if amax is None:
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = amax.to(torch.float32) / qm
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(torch.round(xf / scale), -qm - 1, qm)
     return q, scale

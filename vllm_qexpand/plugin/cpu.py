@@ -219,14 +219,22 @@ def forward(
     hk: torch.Tensor | None,
     act_bits: int | None,
     bias: torch.Tensor | None,
+    amax_reduce=None,
 ) -> torch.Tensor:
-    """The qexpand linear on CPU: [T, N_logical] (model dtype) -> [T, out] (model dtype)."""
+    """The qexpand linear on CPU: [T, N_logical] (model dtype) -> [T, out] (model dtype).
+
+    ``amax_reduce`` (row-parallel layers at TP > 1): maps this rank's per-token max|x| [T, 1]
+    to the maximum over all ranks, so the activation scale is the whole token's, as at TP=1.
+    """
     xf = x.to(torch.float32)
     if rotation is not None:
         size, k, blocks = rotation
         xf = online_rotate(xf, size, k, hk, blocks)
     if act_bits is not None:
-        q, s = quantize_activation(xf, act_bits)
+        amax = None
+        if amax_reduce is not None:
+            amax = amax_reduce(xf.abs().amax(dim=-1, keepdim=True))
+        q, s = quantize_activation(xf, act_bits, amax=amax)
     if getattr(gemm, "w", None) is not None:  # plain torch layout (no oneDNN, e.g. scheme none on CUDA)
         y = F.linear(xf if act_bits is None else q * s, gemm.w)
     elif act_bits is None:

@@ -20,7 +20,9 @@ Tensor parallelism: column-parallel layers (qkv, gate_up) shard their outputs as
 A row-parallel layer (o_proj, down_proj) with an online rotation only works when the
 rotation is block-diagonal with a block count divisible by the TP size (converter
 ``--tp-blocks``): each rank then rotates its own blocks. Any other case is refused at
-model construction with a message, never served with wrong output.
+model construction with a message, never served with wrong output. Every row-parallel
+layer with quantized activations takes its per-token scale from the maximum over all
+ranks (one all-gather of [T, 1] per call, CPU path), so TP>1 computes the TP=1 math.
 """
 from __future__ import annotations
 
@@ -56,6 +58,30 @@ def _shard_list(layer) -> list:
     return [None]
 
 
+def _tp_amax(amax: torch.Tensor) -> torch.Tensor:
+    """Per-token max|x| [T, 1] of this rank -> the maximum over the tensor-parallel group (all-gather, then max)."""
+    from vllm.distributed import get_tp_group
+
+    return get_tp_group().all_gather(amax, dim=-1).amax(dim=-1, keepdim=True)
+
+
+def _tp_refusal(prefix: str, in_features: int, blocks: int, tp: int) -> str:
+    """Why a row-parallel layer with a B-block online rotation cannot run at TP `tp`, and what does."""
+    ok = [str(d) for d in range(1, blocks + 1) if blocks % d == 0]
+    serves = "only at --tensor-parallel-size 1" if blocks == 1 else f"at --tensor-parallel-size {', '.join(ok[:-1])} or {ok[-1]}"
+    if tp & (tp - 1) == 0:
+        how = f"to serve at {tp}, convert with --tp-blocks {tp} (or a multiple of {tp}, e.g. the largest TP you will deploy)"
+    else:
+        how = (f"--tp-blocks is a power of two, so no conversion with an online rotation on this layer serves at {tp}: "
+               "use a power-of-two TP, or convert without this layer in --online")  # fmt: skip
+    return (
+        f"qexpand: {prefix} has an online rotation over its {in_features} inputs in {blocks} block(s) "
+        f"(converted with --tp-blocks {blocks}); tensor parallelism {tp} does not divide the block count {blocks}, "
+        "so the ranks of this row-parallel layer would not each hold whole blocks of its input. "
+        f"This checkpoint serves {serves}; {how}. See docs/serving.md, 'Tensor parallelism: choosing --tp-blocks'."
+    )
+
+
 @register_weight_loader_v2_supported_method
 class QExpandLinearMethod(LinearMethodBase):
     """Linear method of one qexpand decoder linear (one instance per layer)."""
@@ -67,6 +93,7 @@ class QExpandLinearMethod(LinearMethodBase):
         self.group_size = config.group_size
         self.act_bits = config.act_bits
         self.rotation: tuple[int, int, int] | None = None  # (size, k, blocks) on this rank
+        self.split_input = False  # row-parallel at TP > 1 with quantized activations (set by create_weights)
         self.gemm = None  # cpu.Gemm after process_weights_after_loading (non-CUDA)
         self._gpu_fn = None
         self._traced_apply = False
@@ -96,17 +123,15 @@ class QExpandLinearMethod(LinearMethodBase):
                 )
             if row:
                 if blocks % tp:
-                    raise NotImplementedError(
-                        f"qexpand: {self.prefix} has an online rotation over all {in_features} inputs, but "
-                        f"tensor parallelism {tp} splits this row-parallel layer's input across ranks. Serve "
-                        f"with --tensor-parallel-size 1, or convert with --tp-blocks a multiple of {tp}."
-                    )
+                    raise NotImplementedError(_tp_refusal(self.prefix, in_features, blocks, tp))
                 m_local = size // tp
                 self.rotation = (m_local, k, blocks // tp)
             else:
                 m_local = size
                 self.rotation = (size, k, blocks)
         n_out = sum(output_partition_sizes)
+        # each rank holds a slice of every token: per-token activation scales need the max over all ranks
+        self.split_input = row and self.act_bits is not None
         self.input_size_per_partition = input_size_per_partition
         self.m_local = m_local
         self.out_features = n_out
@@ -266,4 +291,5 @@ class QExpandLinearMethod(LinearMethodBase):
                 hk=layer.qexpand_hk,
                 bias=bias,
             )
-        return cpu.forward(x, self.gemm, rotation=self.rotation, hk=layer.qexpand_hk, act_bits=self.act_bits, bias=bias)
+        return cpu.forward(x, self.gemm, rotation=self.rotation, hk=layer.qexpand_hk, act_bits=self.act_bits, bias=bias,
+                           amax_reduce=_tp_amax if self.split_input else None)  # fmt: skip
