@@ -22,7 +22,8 @@ rotation is block-diagonal with a block count divisible by the TP size (converte
 ``--tp-blocks``): each rank then rotates its own blocks. Any other case is refused at
 model construction with a message, never served with wrong output. Every row-parallel
 layer with quantized activations takes its per-token scale from the maximum over all
-ranks (one all-gather of [T, 1] per call, CPU path), so TP>1 computes the TP=1 math.
+ranks (one all-gather of [T, 1] per call), so TP>1 computes the TP=1 math; on CUDA the
+kernels cannot take that maximum yet, so such layers are refused at TP>1 there.
 """
 from __future__ import annotations
 
@@ -256,6 +257,12 @@ class QExpandLinearMethod(LinearMethodBase):
             hk = hadamard_k(self.rotation[1]).to(device=device, dtype=torch.float32)
         layer.register_buffer("qexpand_hk", hk, persistent=False)
 
+        if device.type == "cuda" and self.scheme != "none" and self.split_input:
+            raise NotImplementedError(
+                f"qexpand: {self.prefix} is row-parallel at tensor parallelism > 1 with quantized activations; the GPU "
+                "kernels take per-token scales from this rank's slice only, which differs from the checkpoint's math. "
+                "Serve at --tensor-parallel-size 1 on GPU until the kernels take the cross-rank maximum."
+            )
         if device.type == "cuda" and self.scheme != "none":
             # keep the checkpoint layout; the GPU kernels repack as they need
             layer.register_buffer("weight_packed", packed, persistent=False)
