@@ -13,6 +13,9 @@ tokenizer files and ``SOURCE.json``. **The baseline is the dequantized Q4_1 GGUF
 original bf16 release: every accuracy report built on it should say so.
 
     python -m vllm_qexpand.fetch models/smollm2-135m [--dtype float16] [--force]
+    qexpand fetch smollm2-135m models/smollm2-135m [--dtype float16] [--force]
+
+``fetch(name, dst)`` builds a model by its name in ``MODELS``.
 """
 from __future__ import annotations
 
@@ -175,6 +178,16 @@ def fetch_smollm2(dst: str | Path, dtype="float16", force: bool = False) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+MODELS = {"smollm2-135m": fetch_smollm2}
+
+
+def fetch(name: str, dst: str | Path, dtype="float16", force: bool = False) -> Path:
+    """Build the model called ``name`` (a key of ``MODELS``) as an HF directory ``dst``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    return MODELS[name](dst, dtype=dtype, force=force)
 
 
 def _version(dist: str) -> str:

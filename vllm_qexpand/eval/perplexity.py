@@ -19,15 +19,20 @@ def windows(token_ids: list[int], window: int = 512, max_tokens: int | None = 81
     return out
 
 
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, token_ids: list[int], window: int = 512, max_tokens: int | None = 8192,
+def perplexity(model, token_ids: list[int], window: int = 512, max_tokens: int | None = 8192,
                progress: bool = True) -> dict:
+    """``model``: a torch causal LM (``input_ids`` -> logits), or any scorer with
+    ``token_logprobs(ids)`` (``eval.zeroshot.HFScorer``, ``eval.served.ServedScorer``)."""
+    if isinstance(model, torch.nn.Module):
+        from .zeroshot import HFScorer
+
+        model = HFScorer(model)
     nll, count = 0.0, 0
     chunks = windows(token_ids, window, max_tokens)
     for chunk in tqdm(chunks, desc="perplexity", unit="window", disable=not progress):
-        ids = torch.tensor([chunk])
-        logits = model(ids).logits.float()
-        logp = torch.log_softmax(logits[0, :-1], dim=-1)
-        nll -= logp.gather(1, ids[0, 1:].unsqueeze(1)).sum().item()
+        logprobs = model.token_logprobs(chunk)
+        if len(logprobs) != len(chunk) - 1:
+            raise ValueError(f"scorer returned {len(logprobs)} log-probs for a window of {len(chunk)} tokens")
+        nll -= math.fsum(logprobs)
         count += len(chunk) - 1
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "window": window, "windows": len(chunks)}

@@ -18,7 +18,11 @@ is_greedy)``, so the same code scores an HF model, the torch reference of a qexp
 checkpoint, or a served model. A scorer may also have ``batch(pairs) -> [(sum_logprob,
 is_greedy), ...]``; it is then called once per item with all its choices.
 ``HFScorer(model)`` is that callable for any ``torch.nn.Module`` causal LM that maps
-``input_ids`` to logits (an HF ``...ForCausalLM``, ``eval.reference.load_model(dir)``).
+``input_ids`` to logits (an HF ``...ForCausalLM``, ``eval.reference.load_model(dir)``);
+``eval.served.ServedScorer(url)`` is the same for a model served by vLLM. Both also have
+``token_logprobs(ids) -> [log p(ids[i] | ids[:i]) for i >= 1]``, which
+``eval.perplexity.perplexity`` uses, and both cut a sequence longer than ``max_length + 1``
+tokens the same way (``truncate_pair``).
 
     python -m vllm_qexpand.eval.zeroshot MODEL_DIR [--tasks piqa,arc_easy,...] [--limit N] [--json OUT]
 """
@@ -141,9 +145,10 @@ def score_items(items: list[dict], scorer: Scorer, tokenizer, *, progress: bool 
 
 
 def evaluate_tasks(scorer: Scorer, tokenizer, tasks: Sequence[str] = ("piqa", "arc_easy", "arc_challenge", "lambada"),
-                   limit: int | None = None, progress: bool = True) -> dict:
+                   limit: int | None = None, progress: bool = True, details: bool = False) -> dict:
     """``{task: score_items(...)}`` for task names of ``eval.data.TASKS`` (or ``.jsonl`` paths)."""
-    return {t: score_items(load_task(t, limit), scorer, tokenizer, progress=progress, desc=t) for t in tasks}
+    return {t: score_items(load_task(t, limit), scorer, tokenizer, progress=progress, desc=t, details=details)
+            for t in tasks}
 
 
 # --------------------------------------------------------------------------- torch models
@@ -157,6 +162,16 @@ def _logits(output) -> torch.Tensor:
     if logits is None:
         raise TypeError(f"the model returned {type(output).__name__}, with no logits")
     return logits
+
+
+def truncate_pair(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> tuple[list[int], int]:
+    """``(sequence, n)``: ``ctx + cont`` cut to its last ``max_length + 1`` tokens (a model input
+    of ``max_length`` tokens predicts every token after the first), and how many of its last
+    tokens are the continuation (a continuation longer than the window loses its head)."""
+    if not cont:
+        raise ValueError("empty continuation")
+    seq = (list(ctx) + list(cont))[-(max_length + 1):]
+    return seq, min(len(cont), len(seq) - 1)
 
 
 class HFScorer:
@@ -177,10 +192,14 @@ class HFScorer:
         self.max_batch = max_batch
 
     def _window(self, ctx: Sequence[int], cont: Sequence[int]) -> list[int]:
-        if not cont:
-            raise ValueError("empty continuation")
-        ids = list(ctx) + list(cont)
-        return ids[-(self.max_length + 1):][:-1]  # model input: predicts every token after the first
+        return truncate_pair(ctx, cont, self.max_length)[0][:-1]  # model input: predicts every token after the first
+
+    @torch.inference_mode()
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """``log p(ids[i] | ids[:i])`` for ``i = 1 .. len(ids) - 1``, in one forward pass (no truncation)."""
+        x = torch.tensor([list(ids)], device=self.device)
+        logp = torch.log_softmax(_logits(self.model(x))[0, :-1].float(), dim=-1)
+        return logp.gather(1, x[0, 1:, None])[:, 0].tolist()
 
     @torch.inference_mode()
     def __call__(self, ctx: Sequence[int], cont: Sequence[int]) -> tuple[float, bool]:
