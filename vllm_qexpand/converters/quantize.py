@@ -1,6 +1,9 @@
 """Pass 7, quantize: int4 weights for every decoder linear: the clip rule picks the
-scales (weighted by input saliency with --saliency act), then round-to-nearest, or
-GPTQ (--gptq) with the Hessian the calibration passes collected.
+scales (weighted by input saliency with --saliency act, or by the per-weight Fisher
+with --saliency fisher), then round-to-nearest, or GPTQ (--gptq) with the Hessian the
+calibration passes collected. With --refine sde the weight is first refined
+(refine.py: W' = U(Σ+Δ)Vᵀ, kept only if it helps on held-out windows); the clip rule,
+RTN/GPTQ then work on W'.
 
 `X.weight` [out, M] becomes `X.weight_packed` int32 [out, M/8] and
 `X.weight_scale` float32 [out, 1] (per channel) or [out, M/group] (per group).
@@ -12,6 +15,7 @@ import torch
 
 from ..format import SCHEMES, linear_names
 from ..quant import dequantize_weight, pack_int4, quantize_weight
+from . import fisher, refine
 from .clip import choose_scale
 from .gptq import gptq_quantize
 from .state import ConvertError, ModelState, Part
@@ -57,19 +61,26 @@ def apply(state: ModelState, part: Part) -> None:
     if part.layer is None or state.options.scheme == "none":
         return
     g = state.group_size
+    fisher_imp = fisher.layer_importance(state, part.layer) if state.options.saliency == "fisher" else {}
     for name in linear_names(part.layer):
         w = part.tensors.pop(f"{name}.weight").float()
         o = state.options
         h = part.hessians.pop(name, None)
-        importance = torch.diagonal(h) if h is not None and o.saliency == "act" else None
-        scale = choose_scale(w, g, o.clip, importance)
+        held = part.heldout.pop(name, None)
+        importance = torch.diagonal(h) if h is not None and o.saliency == "act" else fisher_imp.pop(name, None)
+        wq, info = w, None
+        if o.refine != "none" and h is not None and held is not None:
+            wq, info = refine.apply(state, w, h, held, importance)  # W' (or W if the held-out check rejects it)
+        scale = choose_scale(wq, g, o.clip, importance)
         if h is not None and o.gptq:
-            q = gptq_quantize(w, h, scale, g, act_order=o.act_order, damp=o.damp)
+            q = gptq_quantize(wq, h, scale, g, act_order=o.act_order, damp=o.damp)
         else:
-            q = quantize_weight(w, scale, g)
+            q = quantize_weight(wq, scale, g)
         err = (dequantize_weight(q, scale, g) - w).norm() / w.norm().clamp_min(1e-30)
         part.tensors[f"{name}.weight_packed"] = pack_int4(q)
         part.tensors[f"{name}.weight_scale"] = scale
-        state.report["layers"].append(
-            {"name": name, "out_features": w.shape[0], "in_features": w.shape[1], "rel_weight_error": round(err.item(), 6)}
-        )
+        entry = {"name": name, "out_features": w.shape[0], "in_features": w.shape[1],
+                 "rel_weight_error": round(err.item(), 6)}  # against W, also when W' was quantized
+        if info is not None:
+            entry["refine"] = info
+        state.report["layers"].append(entry)

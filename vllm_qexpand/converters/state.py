@@ -20,13 +20,20 @@ class Options:
     clip: str = "mse"
     online: tuple = ("down_proj",)
     expand: list = field(default_factory=list)  # [(pattern, int)]: steps if < width, else a size
+    expand_budget: float | None = None  # --expand-budget F: choose expansions within +F linear params (needs --calib)
     seed: int | None = None
     dtype: str | None = None  # float tensors out; None = the source's torch_dtype
     r1: bool = True
     r2: bool = True
     tp_blocks: int = 1  # online rotations block-diagonal in this many blocks (TP sizes dividing it)
     gptq: bool = False
-    saliency: str = "none"  # "act": clip search weighted by E[x^2] of the inputs (needs --calib)
+    saliency: str = "none"  # "act": clip search weighted by E[x^2] of the inputs; "fisher": by the
+    # per-weight Fisher diagonal E_window[(dL/dW)^2] of the float model's loss (both need --calib)
+    refine: str = "none"  # "sde": singular-value refinement (CQE+ SDE/LSI) per linear (needs --calib)
+    refine_steps: int = 20
+    refine_lr: float = 2e-3
+    refine_band: int = 0  # 0: diagonal increments (LSI); b > 0: b off-diagonals each side (SDE)
+    refine_heldout: float = 0.25  # fraction of the calibration windows held out for the keep/reject check
     calib: Path | None = None  # calibration text for --gptq
     calib_samples: int = 32
     calib_len: int = 512
@@ -43,6 +50,7 @@ class Part:
     name: str
     tensors: dict  # HF tensor name -> tensor (float64 while transformed)
     hessians: dict = field(default_factory=dict)  # linear name -> 2XᵀX/n (with --gptq)
+    heldout: dict = field(default_factory=dict)  # linear name -> 2XᵀX/n of the held-out windows (--refine)
 
     @property
     def layer(self) -> int | None:
@@ -115,6 +123,8 @@ class ModelState:
     calib_ids: torch.Tensor | None = None  # [samples, len] calibration tokens (--gptq)
     calib_x: torch.Tensor | None = None  # hidden states entering the current layer
     calib_layer: tuple | None = None  # (decoder layer module, rotary embedding), built once
+    calib_heldout: int = 0  # --refine: calibration windows held out (the last ones), 0 = none
+    fisher_dir: object = None  # --saliency fisher: TemporaryDirectory holding the per-layer Fisher
     report: dict = field(default_factory=lambda: {"layers": [], "notes": []})
 
     @property

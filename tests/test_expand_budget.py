@@ -1,0 +1,130 @@
+"""--expand-budget: selective, progressive expansion chosen by measured output error per parameter."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny import TEXT, make_tiny_llama
+from vllm_qexpand.converters.budget import _greedy, rtn_output_error
+from vllm_qexpand.converters.clip import choose_scale
+from vllm_qexpand.converters.pipeline import convert
+from vllm_qexpand.converters.state import ConvertError, Options
+from vllm_qexpand.eval.reference import load_model
+from vllm_qexpand.hadamard import next_size
+from vllm_qexpand.quant import dequantize_weight, online_rotate, quantize_weight
+
+CALIB = dict(calib_samples=4, calib_len=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    src = make_tiny_llama(root / "src", hidden=64, intermediate=192, heads=4, kv_heads=2)
+    calib = root / "calib.txt"
+    calib.write_text(TEXT * 8)
+    return src, calib
+
+
+def _logits(path, ids):
+    with torch.no_grad():
+        return load_model(path)(ids).logits
+
+
+@pytest.mark.parametrize("blocks,group", [(1, 0), (2, 0), (2, 16)])
+def test_criterion_equals_output_error_on_rotated_expanded_inputs(blocks, group):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 96, generator=g, dtype=torch.float64) @ torch.randn(96, 96, generator=g, dtype=torch.float64)
+    x[:, :2] *= 8  # outlier inputs
+    w = torch.randn(24, 96, generator=g, dtype=torch.float64)
+    from vllm_qexpand.converters.gptq import hessian
+    h = hessian(x)
+    for size, k in ((96, 12), (104 if blocks == 1 else 112, 52 if blocks == 1 else 28), (128, 1)):
+        if group and (size // blocks) % group:
+            continue
+        wm = online_rotate(w, size, k, blocks=blocks).float()
+        s = choose_scale(wm, group, "mse")
+        e = (dequantize_weight(quantize_weight(wm, s, group), s, group) - wm).double()
+        direct = 2 * ((online_rotate(x, size, k, blocks=blocks) @ e.t()) ** 2).sum().item() / x.shape[0]
+        got = rtn_output_error(w, h, size, k, blocks, group, "mse")
+        assert abs(got - direct) <= 1e-4 * direct, (size, got, direct)
+
+
+def test_greedy_takes_best_reduction_per_parameter_within_budget():
+    def c(steps, added, err):
+        return {"steps": steps, "size": 100 + added, "k": 1, "added_params": added, "error": err}
+    table = {
+        "a": [c(0, 0, 10.0), c(1, 10, 9.0), c(2, 20, 5.0)],  # step 1 alone is poor; 0 -> 2 is 0.25/param
+        "b": [c(0, 0, 4.0), c(1, 10, 2.0), c(2, 40, 1.9)],   # 0.2/param, then 0.0033/param
+        "c": [c(0, 0, 3.0), c(1, 5, 3.5)],                   # expansion that hurts: never taken
+    }
+    used, moves, chosen = _greedy(table, 30)
+    assert [(m["layer"], m["to_size"]) for m in moves] == [("a", 120), ("b", 110)]
+    assert used == 30 and chosen == {"a": 2, "b": 1}
+    used, moves, chosen = _greedy(table, 19)  # a's jump no longer fits: b first, then nothing fits
+    assert used <= 19 and chosen == {"b": 1}
+    assert _greedy(table, 0) == (0, [], {})
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_budget_respected_choices_reported_and_function_preserved(tmp_path, tiny, blocks):
+    src, calib = tiny
+    budget = 0.03
+    r = convert(src, tmp_path / "b", Options(scheme="none", online=("down_proj", "o_proj"), tp_blocks=blocks,
+                                             expand_budget=budget, calib=calib, **CALIB))
+    eb = r["expand_budget"]
+    assert 0 < r["param_overhead"] <= budget and eb["param_overhead"] <= budget
+    assert eb["added_params"] <= eb["budget_params"] <= budget * eb["linear_params"]
+    assert eb["added_params"] == r["linear_params_expanded"] - r["linear_params"]
+    assert eb["chosen"] and eb["moves"] and set(eb["candidates"]) == set(r["online"])  # every online layer scored
+    for name, c in eb["chosen"].items():
+        spec = r["online"][name]
+        assert spec["size"] == c["size"] > c["in_features"] == spec["in_features"] and spec["blocks"] == blocks
+        assert spec["size"] == blocks * next_size(c["in_features"] // blocks, c["steps"], multiple=8)  # per block
+        assert c["error"] < c["error_unexpanded"] and c["reduction"] > 0 and 0 < c["relative_reduction"] < 1
+        steps = {x["steps"]: x["error"] for x in eb["candidates"][name]}
+        assert steps[0] == c["error_unexpanded"] and steps[c["steps"]] == c["error"]
+    for name, spec in r["online"].items():
+        if name not in eb["chosen"]:
+            assert spec["size"] == spec["in_features"]
+    ratios = [m["reduction_per_param"] for m in eb["moves"]]
+    assert all(x > 0 for x in ratios)
+    assert json.loads((tmp_path / "b" / "qexpand_report.json").read_text())["expand_budget"] == eb
+    ids = torch.randint(0, 300, (2, 24))
+    a, b = _logits(src, ids), _logits(tmp_path / "b", ids)
+    assert (a - b).abs().max() / a.abs().max() <= 1e-4  # expansion leaves the float function unchanged
+
+
+def test_zero_budget_expands_nothing(tmp_path, tiny):
+    src, calib = tiny
+    r = convert(src, tmp_path / "z", Options(scheme="w4a4", expand_budget=0.0, calib=calib, **CALIB))
+    assert r["param_overhead"] == 0 and r["expand_budget"]["chosen"] == {} and r["expand_budget"]["added_params"] == 0
+    assert all(s["size"] == s["in_features"] for s in r["online"].values())
+
+
+def test_quantized_budget_keeps_groups_whole(tmp_path, tiny):
+    src, calib = tiny
+    r = convert(src, tmp_path / "q", Options(scheme="w4a16", group_size=32, expand_budget=0.05, calib=calib, **CALIB))
+    eb = r["expand_budget"]
+    assert r["param_overhead"] <= 0.05 and eb["chosen"]
+    for name, c in eb["chosen"].items():
+        assert c["size"] % 32 == 0
+    ids = torch.randint(0, 300, (2, 24))
+    ref = _logits(src, ids)
+    assert ((_logits(tmp_path / "q", ids) - ref).norm() / ref.norm()) < 0.3
+
+
+def test_budget_option_errors(tmp_path, tiny):
+    src, calib = tiny
+    with pytest.raises(ConvertError, match="--expand-budget and --expand exclude each other"):
+        convert(src, tmp_path / "x", Options(expand=[("down_proj", 1)], expand_budget=0.05, calib=calib, **CALIB))
+    with pytest.raises(ConvertError, match="--expand-budget needs a calibration text"):
+        convert(src, tmp_path / "x", Options(expand_budget=0.05, progress=False))
+    with pytest.raises(ConvertError, match="must be a fraction >= 0"):
+        convert(src, tmp_path / "x", Options(expand_budget=-0.1, calib=calib, **CALIB))
+    assert not (tmp_path / "x").exists()
+    r = subprocess.run([sys.executable, "-m", "vllm_qexpand.cli", "convert", str(src), str(tmp_path / "x"),
+                        "--expand", "down_proj=1", "--expand-budget", "0.05", "--calib", str(calib), "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "exclude each other" in r.stderr and "Traceback" not in r.stderr
