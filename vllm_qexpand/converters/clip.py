@@ -158,25 +158,39 @@ def _kl_hist(w: torch.Tensor, group_size: int):
     return hist / g, amax
 
 
+def _xlogx(p: torch.Tensor) -> torch.Tensor:
+    return torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
+
+
+def _kl_levels(step: torch.Tensor) -> torch.Tensor:
+    """Index 0..15 of the int4 level each histogram bin's centre rounds to (grid step in absmax units)."""
+    centres = (torch.arange(KL_BINS, dtype=torch.float32) + 0.5) * (2 / KL_BINS) - 1
+    return torch.clamp(torch.round(centres / step.unsqueeze(-1)), WEIGHT_QMIN, WEIGHT_QMAX).long() - WEIGHT_QMIN
+
+
 def _kl_div(p: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row, q = p's mass per int4 level (grid step `step` in absmax units,
-    a tensor broadcastable to p's rows) spread evenly over the level's bins."""
-    centres = (torch.arange(KL_BINS, dtype=torch.float32) + 0.5) * (2 / KL_BINS) - 1
-    level = torch.clamp(torch.round(centres / step.unsqueeze(-1)), WEIGHT_QMIN, WEIGHT_QMAX).long() - WEIGHT_QMIN
-    level = level.expand(p.shape)
+    a tensor broadcastable to p's rows) spread evenly over the level's bins.
+
+    q is constant over a level's bins, so sum_b p_b log q_b = sum_l mass_l log(mass_l / count_l)."""
+    level = _kl_levels(step).expand(p.shape)
     n = WEIGHT_QMAX - WEIGHT_QMIN + 1
     mass = torch.zeros(*p.shape[:-1], n).scatter_add_(-1, level, p)
     count = torch.zeros(*p.shape[:-1], n).scatter_add_(-1, level, torch.ones_like(p))
-    q = torch.gather(mass / count.clamp_min(1), -1, level)
-    return torch.where(p > 0, p * torch.log(p / q.clamp_min(1e-30)), torch.zeros_like(p)).sum(-1)
+    return _xlogx(p).sum(-1) - (_xlogx(mass) - mass * torch.log(count.clamp_min(1))).sum(-1)
 
 
 def _kl_scale(w: torch.Tensor, group_size: int) -> torch.Tensor:
     p, amax = _kl_hist(w, group_size)
+    neg_entropy = _xlogx(p).sum(-1)
+    n = WEIGHT_QMAX - WEIGHT_QMIN + 1
     best_kl = torch.full_like(amax, float("inf"))
     best = torch.ones_like(amax)
     for alpha in torch.linspace(1.0, 0.3, MSE_GRID).tolist():
-        kl = _kl_div(p, torch.full_like(amax, alpha / WEIGHT_QMAX))
+        # the same bin -> level map for every row: level masses by one matmul
+        onehot = torch.nn.functional.one_hot(_kl_levels(torch.tensor(alpha / WEIGHT_QMAX)), n).float()
+        mass = p @ onehot
+        kl = neg_entropy - (_xlogx(mass) - mass * torch.log(onehot.sum(0).clamp_min(1))).sum(-1)
         better = kl < best_kl - 1e-9
         best_kl = torch.where(better, kl, best_kl)
         best = torch.where(better, torch.full_like(best, alpha), best)
