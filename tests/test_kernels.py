@@ -243,9 +243,41 @@ def test_linear_matches_qlinear(bits, n, rotation, dtype):
     ref = quant.qlinear(x, quant.dequantize_weight(wq, wscale), act_bits=bits, rotation=rotation) + bias.float()
     tol = 1e-4 if dtype == torch.float32 else 8e-3
     assert (y.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
-    # the plugin's current call: checkpoint layout, derived tensors computed on the fly
+    # the checkpoint layout as is: derived tensors computed on every call (correct, slower)
     y2 = ops.qexpand_linear_gpu(x, quant.pack_int4(wq), wscale, act_bits=bits, rotation=rotation, bias=bias, hk=None)
     assert torch.equal(y, y2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_tp2_ranks_sum_to_tp1(bits):
+    """A row-parallel layer at TP=2 (--tp-blocks 2): each rank rotates its block, quantizes with the whole
+    token's max (amax_reduce) and runs its GEMM shard; the two partial outputs sum to the TP=1 linear."""
+    n, rotation = 1024, (1152, 36, 2)  # 2 blocks of 512 -> 576 = 36·16
+    g = _gen(bits)
+    wq = torch.randint(-8, 8, (24, 1152), generator=g, dtype=torch.int8)
+    wscale = torch.rand(24, 1, generator=g) * 0.01 + 1e-3
+    x = _act(5, n, seed=bits)
+    x[:, 600] *= 30  # an outlier in rank 1's block: rank 0's own max would be far smaller
+    ref = quant.qlinear(x, quant.dequantize_weight(wq, wscale), act_bits=bits, rotation=rotation)
+    token_max = quant.online_rotate(x, *rotation[:2], None, rotation[2]).abs().amax(-1, keepdim=True)
+    seen = []
+
+    def amax_reduce(local):  # what the all-gather + max across the two ranks returns
+        seen.append(local)
+        return torch.maximum(local, token_max)
+
+    parts, alone = [], []
+    for r in range(2):
+        xr, wr = x[:, 512 * r:512 * (r + 1)], quant.pack_int4(wq[:, 576 * r:576 * (r + 1)].contiguous())
+        prepared = ops.prepare_weights(wr, wscale, rotation=(576, 36, 1), act_dtype=torch.float32)
+        parts.append(ops.qexpand_linear_gpu(xr, **prepared, act_bits=bits, rotation=(576, 36, 1), amax_reduce=amax_reduce))
+        alone.append(ops.qexpand_linear_gpu(xr, **prepared, act_bits=bits, rotation=(576, 36, 1)))
+    assert len(seen) == 2 and torch.allclose(torch.maximum(*seen), token_max)  # each rank passed its own slice's max
+    assert (seen[0] < token_max).any()
+    y = parts[0] + parts[1]
+    assert (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    assert (alone[0] + alone[1] - ref).abs().max().item() > 1e-3 * ref.abs().max().item()  # per-rank scales differ
 
 
 def test_linear_refuses_w4a16():

@@ -46,19 +46,24 @@ from . import HAS_TRITON, interpreting
 
 
 def hadamard_quant_reference(
-    x: torch.Tensor, size: int, k: int, blocks: int = 1, bits: int = 8
+    x: torch.Tensor, size: int, k: int, blocks: int = 1, bits: int = 8, amax_reduce=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference: (codes, scale float32 [T, 1], code sums int32 [T]) for x [T, N].
 
     ``k = 0`` means no rotation (only zero-padding to ``size``). Codes as the kernel
     stores them: int8 [T, M] (bits 8) or packed uint8 [T, M/2] (bits 4).
+
+    ``amax_reduce`` maps the per-token max|y| [T, 1] to the max to quantize with (at tensor
+    parallelism > 1: the maximum over the ranks that hold the token's other slices); the
+    GPU linear runs this function in that case, because the kernel takes its own slice's.
     """
     xf = x.to(torch.float32)
     if k:
         y = quant.online_rotate(xf, size, k, None, blocks)
     else:
         y = torch.nn.functional.pad(xf, (0, size - xf.shape[-1]))
-    q, scale = quant.quantize_activation(y, bits)
+    amax = None if amax_reduce is None else amax_reduce(y.abs().amax(dim=-1, keepdim=True))
+    q, scale = quant.quantize_activation(y, bits, amax=amax)
     sums = q.sum(dim=-1).to(torch.int32)
     codes = q.to(torch.int8)
     if bits == 4:

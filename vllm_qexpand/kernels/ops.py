@@ -17,12 +17,12 @@ import) also for CPU, which is how the CPU tests run them.
 The plugin calls :func:`prepare_weights` once per layer (``process_weights_after_loading``)
 and :func:`qexpand_linear_gpu` in ``apply`` with those tensors as keyword arguments.
 """
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from . import HAS_TRITON, interpreting
-from .hadamard_quant import hadamard_operands, output_shapes
+from .hadamard_quant import hadamard_operands, hadamard_quant_reference, output_shapes
 from .w4a8_gemm import repack_for_kernel, weight_code_sums
 
 OPS_REGISTERED = False
@@ -78,6 +78,7 @@ def qexpand_linear_gpu(
     hrow: Optional[torch.Tensor] = None,
     hcol: Optional[torch.Tensor] = None,
     hk: Optional[torch.Tensor] = None,
+    amax_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """The qexpand linear on GPU: x [..., N] -> [..., out] in x.dtype (docs/format.md, run time).
 
@@ -90,6 +91,12 @@ def qexpand_linear_gpu(
     not something a CUDA-graph capture should be the first to run. ``hk`` is accepted and
     unused (the matrices already hold H_K). ``act_bits=None`` (W4A16) is refused: the
     plugin serves W4A16 with vLLM's Machete/Marlin kernels (``plugin/w4a16.py``).
+
+    ``amax_reduce`` (row-parallel layers at tensor parallelism > 1): maps this rank's
+    per-token max|x'| [T, 1] to the whole token's (an all-gather + max across ranks). The
+    fused kernel computes the scale from its own slice, so with ``amax_reduce`` the rotation
+    and quantization run as plain torch ops (:func:`hadamard_quant_reference`, same codes) and
+    only the GEMM is a Triton kernel.
     """
     if act_bits not in (4, 8):
         raise NotImplementedError(
@@ -111,7 +118,10 @@ def qexpand_linear_gpu(
             hrow, hcol = rotation_operands(rotation, x.dtype, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    codes, scale, sums = torch.ops.qexpand.hadamard_quant(x2, hrow, hcol, size, k, blocks, act_bits)
+    if amax_reduce is None:
+        codes, scale, sums = torch.ops.qexpand.hadamard_quant(x2, hrow, hcol, size, k, blocks, act_bits)
+    else:
+        codes, scale, sums = hadamard_quant_reference(x2, size, k, blocks, act_bits, amax_reduce)
     if act_bits == 8:
         y = torch.ops.qexpand.w4a8_gemm(codes, scale, sums, weight, weight_scale, group_size, x.dtype, bias)
     else:

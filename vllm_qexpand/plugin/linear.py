@@ -26,8 +26,9 @@ rotation is block-diagonal with a block count divisible by the TP size (converte
 ``--tp-blocks``): each rank then rotates its own blocks. Any other case is refused at
 model construction with a message, never served with wrong output. Every row-parallel
 layer with quantized activations takes its per-token scale from the maximum over all
-ranks (one all-gather of [T, 1] per call), so TP>1 computes the TP=1 math; on CUDA the
-kernels cannot take that maximum yet, so such layers are refused at TP>1 there.
+ranks (one all-gather of [T, 1] per call), so TP>1 computes the TP=1 math; on CUDA such
+a layer rotates and quantizes in torch ops (the fused kernel takes its own slice's max)
+and runs the Triton GEMM.
 """
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ class QExpandLinearMethod(LinearMethodBase):
         self.gemm = None  # cpu.Gemm after process_weights_after_loading (non-CUDA)
         self.w4a16 = None  # w4a16.VllmW4A16 after process_weights_after_loading (vLLM's W4A16 kernel)
         self._gpu_fn = None
+        self.gpu_operands: tuple = ()  # names of the qexpand_* buffers passed to the GPU op
         self._traced_apply = False
 
     # ------------------------------------------------------------------ create_weights
@@ -280,18 +282,14 @@ class QExpandLinearMethod(LinearMethodBase):
             hk = hadamard_k(self.rotation[1]).to(device=device, dtype=torch.float32)
         layer.register_buffer("qexpand_hk", hk, persistent=False)
 
-        if device.type == "cuda" and self.scheme != "none" and self.split_input:
-            raise NotImplementedError(
-                f"qexpand: {self.prefix} is row-parallel at tensor parallelism > 1 with quantized activations; the GPU "
-                "kernels take per-token scales from this rank's slice only, which differs from the checkpoint's math. "
-                "Serve at --tensor-parallel-size 1 on GPU until the kernels take the cross-rank maximum."
-            )
         if device.type == "cuda" and self.scheme != "none":
-            # keep the checkpoint layout; the GPU kernels repack as they need
-            layer.register_buffer("weight_packed", packed, persistent=False)
-            layer.register_buffer("weight_scale", scale, persistent=False)
             from ..kernels import ops  # noqa: PLC0415 - lazy: CUDA only, Triton only there
 
+            # repacked once here: the kernels' uint8 weight, its code sums (W4A4) and the ±1 rotation operands
+            prepared = ops.prepare_weights(packed, scale, rotation=self.rotation, act_dtype=self.params_dtype)
+            for name, tensor in prepared.items():
+                layer.register_buffer(f"qexpand_{name}", tensor, persistent=False)
+            self.gpu_operands = tuple(prepared)
             self._gpu_fn = ops.qexpand_linear_gpu
             layout = "gpu"
         else:
@@ -337,13 +335,12 @@ class QExpandLinearMethod(LinearMethodBase):
         if self._gpu_fn is not None:
             return self._gpu_fn(
                 x,
-                layer.weight_packed,
-                layer.weight_scale,
+                **{name: getattr(layer, f"qexpand_{name}") for name in self.gpu_operands},
                 group_size=self.group_size,
                 act_bits=self.act_bits,
                 rotation=self.rotation,
-                hk=layer.qexpand_hk,
                 bias=bias,
+                amax_reduce=_tp_amax if self.split_input else None,
             )
         return cpu.forward(x, self.gemm, rotation=self.rotation, hk=layer.qexpand_hk, act_bits=self.act_bits, bias=bias,
                            amax_reduce=_tp_amax if self.split_input else None)  # fmt: skip
