@@ -54,3 +54,20 @@ def test_unknown_rule_is_refused():
         choose_scale(torch.randn(2, 8), 0, "kl2")
     with pytest.raises(ValueError, match="unknown clip rule"):
         objective(torch.randn(2, 8), torch.ones(2, 1), 0, "kl2")
+
+
+def test_group_notes_for_histogram_rules(tmp_path):
+    """At group size 64 kl-j has one candidate (absmax: the scales of --clip none); both histogram rules say so."""
+    from tiny import make_tiny_llama
+
+    from vllm_qexpand.converters.pipeline import Options, convert
+
+    w = _heavy(8, 512)
+    assert torch.equal(choose_scale(w, 64, "kl-j"), choose_scale(w, 64, "none"))
+    assert not torch.equal(choose_scale(w, 128, "kl-j"), choose_scale(w, 128, "none"))
+    src = make_tiny_llama(tmp_path / "src")
+    for rule, text in (("kl-j", "only absmax"), ("kl", "prefer --clip mse")):
+        report = convert(src, tmp_path / rule, Options(scheme="w4a16", group_size=64, clip=rule, progress=False))
+        assert any(text in n for n in report["notes"]), report["notes"]
+    report = convert(src, tmp_path / "mse", Options(scheme="w4a16", group_size=64, clip="mse", progress=False))
+    assert not any("--clip" in n for n in report["notes"])

@@ -155,6 +155,8 @@ def _convert(args) -> int:
     report = convert(args.src, args.dst, opts)
     print(f"wrote {args.dst}: scheme {report['scheme']}, {len(report['online'])} online rotations, "
           f"parameter overhead {100 * report['param_overhead']:.2f}%, {report['timing']['total_s']:.1f} s")
+    for note in report["notes"]:
+        print(f"note: {note}")
     if "expand_budget" in report:
         chosen = report["expand_budget"]["chosen"]
         print(f"--expand-budget {report['expand_budget']['budget']}: expanded {len(chosen)} layers"
