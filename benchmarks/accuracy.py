@@ -3,10 +3,14 @@
     python benchmarks/accuracy.py [--model models/smollm2-135m] [--schemes w4a4,w4a16]
                                   [--configs NAME,...] [--ppl-tokens 4096] [--limit 200]
                                   [--tasks piqa,arc_easy,arc_challenge,lambada] [--no-tasks]
+                                  [--seeds 0,1,2]
 
 For each configuration: convert (timed), then score in the torch reference (the exact
 quantized math) perplexity on held-out Austen text (Pride and Prejudice, windows of 512)
 and the zero-shot tasks. Calibration (GPTQ, saliency) uses only CALIBRATION_BOOKS.
+With --seeds, every quantized config is converted once per R1 seed (random ±1 signs on
+the R1 Hadamard, `convert --seed`) and the row holds the mean and each seed's numbers;
+without it, R1 is the plain Hadamard (one conversion per row).
 Writes benchmarks/results/accuracy-<date>.json (rows of an existing file are kept unless
 re-run: configs can be measured in several invocations) and prints a Markdown table.
 """
@@ -36,10 +40,16 @@ CONFIGS = {
     "expand-s5": dict(expand=[("down_proj", 5)]),
     "expand-o+down": dict(online=("down_proj", "o_proj"), expand=[("down_proj", 3), ("o_proj", 3)]),
     "rotation+gptq": dict(gptq=True),
+    "expand-s1+gptq": dict(expand=[("down_proj", 1)], gptq=True),
     "expand-s3+gptq": dict(expand=[("down_proj", 3)], gptq=True),
     "clip-none": dict(clip="none"),
     "clip-kl-j": dict(clip="kl-j"),
+    "clip-kl": dict(clip="kl"),
     "saliency": dict(saliency="act"),
+    "fisher": dict(saliency="fisher"),
+    "sde": dict(refine="sde"),
+    "sde+fisher": dict(refine="sde", saliency="fisher"),
+    "budget-5": dict(expand_budget=0.05),
     "tp-blocks-2": dict(expand=[("down_proj", 1)], tp_blocks=2),
     "tp-blocks-4": dict(expand=[("down_proj", 1)], tp_blocks=4),
     "tp-blocks-8": dict(expand=[("down_proj", 1)], tp_blocks=8),
@@ -56,6 +66,7 @@ def main() -> int:
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,lambada")
     ap.add_argument("--no-tasks", action="store_true")
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--seeds", default="", help="comma list of R1 seeds to average over (default: plain Hadamard R1)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -82,10 +93,13 @@ def main() -> int:
         "ppl_protocol": f"Pride and Prejudice, first {args.ppl_tokens} tokens, windows of 512",
         "tasks": tasks, "limit": args.limit, "metric": "acc_norm where defined, else acc", "rows": [],
     }
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if seeds:
+        result["r1_seeds"] = seeds
     if out.exists():  # add to an earlier run of the same protocol
         old = json.loads(out.read_text())
-        same = ("ppl_protocol", "tasks", "limit")
-        if any(old.get(k) != result[k] for k in same):
+        same = ("ppl_protocol", "tasks", "limit", "r1_seeds")
+        if any(old.get(k) != result.get(k) for k in same):
             raise SystemExit(f"{out} was measured with another protocol ({[old.get(k) for k in same]}); pass --out")
         result["rows"] = old["rows"]
 
@@ -94,6 +108,14 @@ def main() -> int:
         result["rows"].append(row)
         out.write_text(json.dumps(result, indent=2) + "\n")
 
+    def score(path: Path) -> dict:
+        model = load_model(path)
+        out = {"ppl": round(perplexity(model, ids, 512, args.ppl_tokens, progress=False)["ppl"], 3)}
+        if tasks:
+            res = evaluate_tasks(HFScorer(model), tok, tasks, limit=args.limit, progress=False)
+            out.update({t: round(r.get("acc_norm", r["acc"]), 4) for t, r in res.items()})
+        return out
+
     try:
         for scheme in args.schemes.split(","):
             for name in args.configs.split(","):
@@ -101,26 +123,28 @@ def main() -> int:
                 row = {"config": name, "scheme": None if extra is None else scheme}
                 if extra is None and scheme != args.schemes.split(",")[0]:
                     continue  # the float baseline is scheme-independent
-                path = args.model
-                if extra is not None:
-                    path = work / f"{scheme}-{name}"
-                    opts = dict(scheme=scheme, group_size=64 if scheme == "w4a16" else None, force=True,
-                                progress=False, calib=calib, calib_samples=args.calib_samples)
-                    opts.update(extra)
-                    t0 = time.perf_counter()
-                    report = convert(args.model, path, Options(**opts))
-                    row.update(convert_s=round(time.perf_counter() - t0, 1),
-                               param_overhead=report["param_overhead"])
-                model = load_model(path)
-                row["ppl"] = round(perplexity(model, ids, 512, args.ppl_tokens, progress=False)["ppl"], 3)
-                if tasks:
-                    res = evaluate_tasks(HFScorer(model), tok, tasks, limit=args.limit, progress=False)
-                    for t, r in res.items():
-                        row[t] = round(r.get("acc_norm", r["acc"]), 4)
+                if extra is None:
+                    row.update(score(args.model))
+                else:
+                    per_seed = []
+                    for seed in seeds or [None]:
+                        path = work / f"{scheme}-{name}"
+                        opts = dict(scheme=scheme, group_size=64 if scheme == "w4a16" else None, force=True,
+                                    progress=False, calib=calib, calib_samples=args.calib_samples, seed=seed)
+                        opts.update(extra)
+                        t0 = time.perf_counter()
+                        report = convert(args.model, path, Options(**opts))
+                        per_seed.append(dict(convert_s=round(time.perf_counter() - t0, 1),
+                                             param_overhead=report["param_overhead"], **score(path)))
+                        shutil.rmtree(path, ignore_errors=True)
+                    row.update(per_seed[0])
+                    if seeds:  # the mean over seeds, and each seed's row
+                        for key in ["ppl", *tasks]:
+                            row[key] = round(sum(r[key] for r in per_seed) / len(per_seed), 4 if key in tasks else 3)
+                        row["convert_s"] = round(sum(r["convert_s"] for r in per_seed) / len(per_seed), 1)
+                        row["seeds"] = [dict(seed=sd, **r) for sd, r in zip(seeds, per_seed)]
                 print(json.dumps(row), flush=True)
                 save(row)
-                if path != args.model:
-                    shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = result["rows"]
