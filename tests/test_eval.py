@@ -2,19 +2,16 @@
 server, and against a real `python -m vllm_qexpand.serve` in the slow test)."""
 import json
 import math
-import os
 import random
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from server import openai_server
 from tiny import TEXT, make_tiny_llama
 from vllm_qexpand.eval.data import save_task_jsonl
 from vllm_qexpand.eval.served import ServedError, ServedScorer
@@ -177,14 +174,7 @@ def test_served_scorer_errors(fake_server):
 # --------------------------------------------------------------------------- a real server (slow)
 
 SERVED_NAME = "tiny-eval"
-START_TIMEOUT_S = 420
 WINDOW, PPL_TOKENS = 128, 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -192,38 +182,9 @@ def served(serve_models, tmp_path_factory):
     pytest.importorskip("vllm")
     path = serve_models("w4a4-exp", scheme="w4a4", online=("down_proj", "o_proj"), expand=[("down_proj", 1)])
     tmp = tmp_path_factory.mktemp("eval-server")
-    port = _free_port()
-    log = tmp / "server.log"
-    cmd = [sys.executable, "-m", "vllm_qexpand.serve", str(path), "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", SERVED_NAME, "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-           "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0"]  # fmt: skip
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+    args = ("--served-model-name", SERVED_NAME, "--max-model-len", "512")
+    with openai_server(path, tmp / "server.log", *args) as (base, proc):
         yield {"url": base + "/v1", "path": path, "proc": proc, "tmp": tmp}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and its children only
-                proc.wait()
-        fh.close()
 
 
 @pytest.mark.slow

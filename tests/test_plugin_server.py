@@ -3,13 +3,6 @@ a completion equal to the torch reference's greedy text, a chat completion, 64 c
 requests with zero failures; the server is stopped by its PID.
 """
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 import torch
@@ -17,17 +10,12 @@ import torch
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
+from server import openai_server  # noqa: E402
+
 pytestmark = pytest.mark.slow
 OPTIONS = dict(scheme="w4a4", online=("down_proj", "o_proj"), expand=[("down_proj", 1)])
 NAME = "tiny-qexpand"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-START_TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,39 +23,10 @@ def server(serve_models, tmp_path_factory):
     path = serve_models("w4a4-exp", **OPTIONS)
     tmp = tmp_path_factory.mktemp("server")
     (tmp / "chat.jinja").write_text(CHAT_TEMPLATE)
-    port = _free_port()
     log = tmp / "server.log"
-    cmd = [sys.executable, "-m", "vllm_qexpand.serve", str(path), "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", NAME, "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-           "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(64 << 20), "--chat-template", str(tmp / "chat.jinja"),
-           "--seed", "0"]  # fmt: skip
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+    args = ("--served-model-name", NAME, "--max-model-len", "256", "--chat-template", str(tmp / "chat.jinja"))
+    with openai_server(path, log, *args) as (base, proc):
         yield {"base": base, "path": path, "proc": proc, "log": log}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # vLLM shuts its engine processes down on SIGINT/SIGTERM
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and its children only
-                proc.wait()
-        fh.close()
 
 
 def _client(server):

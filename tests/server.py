@@ -1,0 +1,61 @@
+"""The OpenAI server of a test: `python -m vllm_qexpand.serve` on a free loopback port."""
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def openai_server(path, log: Path, *args: str):
+    """Serve `path` (float32, eager, 16 sequences, 64 MiB KV cache, seed 0, plus `args`), output to `log`.
+
+    Yields (base URL, process) once /health answers; fails the test with the log's tail if the
+    server exits or is not healthy within START_TIMEOUT_S. Stops it on exit: SIGINT (vLLM shuts its
+    engine processes down), then SIGKILL to its own process group after 60 s.
+    """
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm_qexpand.serve", str(path), "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(64 << 20),
+           "--seed", "0", *args]  # fmt: skip
+    fh = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and its children only
+                proc.wait()
+        fh.close()
