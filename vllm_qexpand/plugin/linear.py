@@ -261,8 +261,14 @@ class QExpandLinearMethod(LinearMethodBase):
                 )
         del layer.qexpand_loaded
         device = (layer.weight if self.scheme == "none" else layer.weight_packed).device
+        if self.scheme != "none" and not torch.isfinite(layer.weight_scale.data).all():
+            raise FormatError(f"checkpoint tensor {self.prefix}.weight_scale holds non-finite values")
+        hk = None
+        if self.rotation is not None:  # also K = 1: hadamard_transform then never builds one while traced
+            hk = hadamard_k(self.rotation[1]).to(device=device, dtype=torch.float32)
+        layer.register_buffer("qexpand_hk", hk, persistent=False)
         if self.scheme == "w4a16" and _vllm_w4a16(device):
-            self._load_vllm_w4a16(layer, device)
+            self._load_vllm_w4a16(layer)
             return
         if self.scheme == "none":
             codes, scale = None, None
@@ -270,17 +276,11 @@ class QExpandLinearMethod(LinearMethodBase):
         else:
             packed = layer.weight_packed.data
             scale = layer.weight_scale.data.to(torch.float32)
-            if not torch.isfinite(scale).all():
-                raise FormatError(f"checkpoint tensor {self.prefix}.weight_scale holds non-finite values")
             codes, dense = None, None
             if device.type != "cuda":
                 codes = unpack_int4(packed.cpu()).to(device)
         for name in self.param_names:
             delattr(layer, name)
-        hk = None
-        if self.rotation is not None:  # also K = 1: hadamard_transform then never builds one while traced
-            hk = hadamard_k(self.rotation[1]).to(device=device, dtype=torch.float32)
-        layer.register_buffer("qexpand_hk", hk, persistent=False)
 
         if device.type == "cuda" and self.scheme != "none":
             from ..kernels import ops  # noqa: PLC0415 - lazy: CUDA only, Triton only there
@@ -299,12 +299,10 @@ class QExpandLinearMethod(LinearMethodBase):
             layout = self.gemm.layout
         _trace("load", self.prefix, f"layout={layout} scheme={self.scheme} rotation={self.rotation}")
 
-    def _load_vllm_w4a16(self, layer, device: torch.device) -> None:
+    def _load_vllm_w4a16(self, layer) -> None:
         """W4A16: hand the checkpoint's tensors, still vLLM parameters, to vLLM's mixed-precision kernel."""
         from . import w4a16  # noqa: PLC0415
 
-        if not torch.isfinite(layer.weight_scale.data).all():
-            raise FormatError(f"checkpoint tensor {self.prefix}.weight_scale holds non-finite values")
         self.w4a16 = w4a16.VllmW4A16.build(
             prefix=self.prefix,
             full_in=self.full_in,
@@ -315,10 +313,6 @@ class QExpandLinearMethod(LinearMethodBase):
             act_dtype=self.params_dtype,
         )
         self.w4a16.process_weights_after_loading(layer)
-        hk = None
-        if self.rotation is not None:
-            hk = hadamard_k(self.rotation[1]).to(device=device, dtype=torch.float32)
-        layer.register_buffer("qexpand_hk", hk, persistent=False)
         _trace("load", self.prefix, f"layout=vllm:{self.w4a16.name} scheme={self.scheme} rotation={self.rotation}")
 
     # --------------------------------------------------------------------------- apply
