@@ -4,6 +4,7 @@
                                   [--configs NAME,...] [--ppl-tokens 4096] [--limit 200]
                                   [--tasks piqa,arc_easy,arc_challenge,lambada] [--no-tasks]
                                   [--seeds 0,1,2]
+    python benchmarks/accuracy.py --table benchmarks/results/accuracy-<date>.json
 
 For each configuration: convert (timed), then score in the torch reference (the exact
 quantized math) perplexity on held-out Austen text (Pride and Prejudice, windows of 512)
@@ -12,7 +13,9 @@ With --seeds, every quantized config is converted once per R1 seed (random ±1 s
 the R1 Hadamard, `convert --seed`) and the row holds the mean and each seed's numbers;
 without it, R1 is the plain Hadamard (one conversion per row).
 Writes benchmarks/results/accuracy-<date>.json (rows of an existing file are kept unless
-re-run: configs can be measured in several invocations) and prints a Markdown table.
+re-run: configs can be measured in several invocations) and prints its Markdown tables, one
+per scheme, with each config's `qexpand convert` flags (what docs/accuracy.md shows);
+--table prints them for an existing JSON without running anything.
 """
 from __future__ import annotations
 
@@ -56,6 +59,55 @@ CONFIGS = {
 }
 
 
+
+
+def cli_flags(extra: dict) -> list[str]:
+    """`qexpand convert` flags giving a CONFIGS entry (tests/test_accuracy_bench.py parses them back)."""
+    flags = []
+    for key, value in extra.items():
+        if key in ("r1", "r2"):
+            flags += [] if value else [f"--no-{key}"]
+        elif key == "online":
+            flags += ["--online", ",".join(value)]
+        elif key == "expand":
+            for pattern, n in value:
+                flags += ["--expand", f"{pattern}={n}"]
+        elif key == "gptq":
+            flags += ["--gptq"] if value else []
+        else:
+            flags += ["--" + key.replace("_", "-"), str(value)]
+    return flags
+
+
+def markdown_tables(result: dict) -> str:
+    """One Markdown table per scheme: PPL, gap closed vs rotation, zero-shot, parameters, conversion time."""
+    rows, tasks = result["rows"], result["tasks"]
+    base = next((r["ppl"] for r in rows if r["config"] == "baseline"), None)
+    names = {"piqa": "PIQA", "arc_easy": "ARC-E", "arc_challenge": "ARC-C", "lambada": "LAMBADA"}
+    fmt = lambda x: f"{x:.2f}" if x < 1000 else f"{x:.0f}"  # noqa: E731
+    out = []
+    for scheme in dict.fromkeys(r["scheme"] for r in rows if r["scheme"]):
+        mine = {r["config"]: r for r in rows if r["scheme"] == scheme}
+        rot = mine.get("rotation", {}).get("ppl")
+        head = ["config", "`qexpand convert` flags", "PPL", "gap closed", *(names.get(t, t) for t in tasks),
+                "linear params", "convert s"]
+        lines = [f"**{scheme}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        if base is not None:
+            bz = next(r for r in rows if r["config"] == "baseline")
+            lines.append(f"| baseline (float) | — | {fmt(base)} | — | "
+                         + "".join(f"{bz[t]:.2f} | " for t in tasks) + "— | — |")
+        for name in [c for c in CONFIGS if c in mine]:
+            r = mine[name]
+            gap = ("—" if rot is None or base is None or name == "rtn-no-rotation"
+                   else f"{100 * (rot - r['ppl']) / (rot - base):.1f}%")
+            flags = " ".join(cli_flags(CONFIGS[name]))
+            lines.append(f"| {name} | {f'`{flags}`' if flags else '(defaults)'} | {fmt(r['ppl'])} | {gap} | "
+                         + "".join(f"{r[t]:.2f} | " if t in r else "— | " for t in tasks)
+                         + f"+{100 * r['param_overhead']:.1f}% | {r['convert_s']:.0f} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-135m")
@@ -68,7 +120,12 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--seeds", default="", help="comma list of R1 seeds to average over (default: plain Hadamard R1)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--table", type=Path, default=None, metavar="JSON",
+                    help="print the Markdown tables of an earlier run's JSON and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_tables(json.loads(args.table.read_text())))
+        return 0
 
     from transformers import AutoTokenizer
 
@@ -147,11 +204,7 @@ def main() -> int:
                 save(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rows = result["rows"]
-    cols = ["config", "scheme", "ppl", *tasks, "param_overhead", "convert_s"]
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    print(markdown_tables(result))
     return 0
 
 

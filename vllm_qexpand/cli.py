@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _convert(args) -> int:
-    from .converters.pipeline import convert
+def options_from_args(args):
+    """The converter Options of parsed `qexpand convert` arguments."""
     from .converters.state import Options
 
-    opts = Options(
+    return Options(
         scheme="none" if args.no_quant else args.scheme, group_size=args.group_size, clip=args.clip,
         online=args.online, expand=args.expand, expand_budget=args.expand_budget, seed=args.seed, dtype=args.dtype, r1=not args.no_r1, r2=not args.no_r2,
         force=args.force, progress=not args.quiet, tp_blocks=args.tp_blocks,
@@ -152,6 +152,12 @@ def _convert(args) -> int:
         refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_band=args.refine_band,
         refine_heldout=args.refine_heldout,
     )
+
+
+def _convert(args) -> int:
+    from .converters.pipeline import convert
+
+    opts = options_from_args(args)
     report = convert(args.src, args.dst, opts)
     print(f"wrote {args.dst}: scheme {report['scheme']}, {len(report['online'])} online rotations, "
           f"parameter overhead {100 * report['param_overhead']:.2f}%, {report['timing']['total_s']:.1f} s")
