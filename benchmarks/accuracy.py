@@ -80,7 +80,8 @@ def cli_flags(extra: dict) -> list[str]:
 
 
 def markdown_tables(result: dict) -> str:
-    """One Markdown table per scheme: PPL, gap closed vs rotation, zero-shot, parameters, conversion time."""
+    """One Markdown table per scheme: PPL, gap closed vs rotation, zero-shot, parameters, conversion time
+    (marked ‡ where the row says `"shared_cpu": true`: converted while other jobs used the cores)."""
     rows, tasks = result["rows"], result["tasks"]
     base = next((r["ppl"] for r in rows if r["config"] == "baseline"), None)
     names = {"piqa": "PIQA", "arc_easy": "ARC-E", "arc_challenge": "ARC-C", "lambada": "LAMBADA"}
@@ -103,7 +104,7 @@ def markdown_tables(result: dict) -> str:
             flags = " ".join(cli_flags(CONFIGS[name]))
             lines.append(f"| {name} | {f'`{flags}`' if flags else '(defaults)'} | {fmt(r['ppl'])} | {gap} | "
                          + "".join(f"{r[t]:.2f} | " if t in r else "— | " for t in tasks)
-                         + f"+{100 * r['param_overhead']:.1f}% | {r['convert_s']:.0f} |")
+                         + f"+{100 * r['param_overhead']:.1f}% | {r['convert_s']:.0f}{' ‡' * bool(r.get('shared_cpu'))} |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

@@ -1,6 +1,7 @@
 """How reproducible is a quantized model's perplexity under float-rounding-sized changes?
 
-    python benchmarks/reference_noise.py DIR [--eps 1e-7] [--seeds 0,1,2] [--threads 1,2] [--out F.json]
+    python benchmarks/reference_noise.py DIR [--eps 1e-7] [--seeds 0,1,2] [--threads 1,2] [--convert-cmd CMD]
+                                             [--out F.json]
 
 Scores DIR (a qexpand checkpoint) in the torch reference, float32, on the accuracy protocol's
 perplexity text (Pride and Prejudice, first --ppl-tokens tokens, windows of 512) several times:
@@ -43,6 +44,7 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--convert-cmd", default=None, help="the conversion's command line, recorded in the result")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -72,7 +74,7 @@ def main() -> int:
     rel = [abs(r["rel_to_first"]) for r in runs[1:]]
     result = {
         "benchmark": "reference-noise", "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-        "model": str(args.model), "ppl_protocol": f"Pride and Prejudice, first {args.ppl_tokens} tokens, windows of 512",
+        "model": str(args.model), "convert": args.convert_cmd, "ppl_protocol": f"Pride and Prejudice, first {args.ppl_tokens} tokens, windows of 512",
         "runs": runs, "max_abs_rel": max(rel, default=0.0), "mean_abs_rel": sum(rel) / len(rel) if rel else 0.0,
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"reference-noise-{result['date']}.json"

@@ -41,7 +41,7 @@ def test_markdown_tables(acc):
         {"config": "expand-s1", "scheme": "w4a4", "ppl": 60.0, "piqa": 0.55, "lambada": 0.05,
          "param_overhead": 0.016, "convert_s": 12.3},
         {"config": "rotation", "scheme": "w4a4", "ppl": 100.0, "piqa": 0.5, "lambada": 0.01,
-         "param_overhead": 0.0, "convert_s": 9.0},
+         "param_overhead": 0.0, "convert_s": 9.0, "shared_cpu": True},
         {"config": "rotation", "scheme": "w4a16", "ppl": 30.0, "param_overhead": 0.0, "convert_s": 5.0},
     ]}
     text = acc.markdown_tables(result)
@@ -50,6 +50,6 @@ def test_markdown_tables(acc):
     assert lines[2].startswith("| config | `qexpand convert` flags | PPL | gap closed | PIQA | LAMBADA |")
     assert lines[4] == "| baseline (float) | — | 20.00 | — | 0.70 | 0.30 | — | — |"
     # rows in CONFIGS order (rotation before expand-s1), gap closed against rotation: (100 - 60) / (100 - 20)
-    assert lines[5] == "| rotation | (defaults) | 100.00 | 0.0% | 0.50 | 0.01 | +0.0% | 9 |"
+    assert lines[5] == "| rotation | (defaults) | 100.00 | 0.0% | 0.50 | 0.01 | +0.0% | 9 ‡ |"
     assert lines[6] == "| expand-s1 | `--expand down_proj=1` | 60.00 | 50.0% | 0.55 | 0.05 | +1.6% | 12 |"
     assert "| rotation | (defaults) | 30.00 | 0.0% | — | — | +0.0% | 5 |" in w4a16
