@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -101,7 +102,7 @@ def markdown_tables(result: dict) -> str:
             r = mine[name]
             gap = ("—" if rot is None or base is None or name == "rtn-no-rotation"
                    else f"{100 * (rot - r['ppl']) / (rot - base):.1f}%")
-            flags = " ".join(cli_flags(CONFIGS[name]))
+            flags = shlex.join(cli_flags(CONFIGS[name]))
             lines.append(f"| {name} | {f'`{flags}`' if flags else '(defaults)'} | {fmt(r['ppl'])} | {gap} | "
                          + "".join(f"{r[t]:.2f} | " if t in r else "— | " for t in tasks)
                          + f"+{100 * r['param_overhead']:.1f}% | {r['convert_s']:.0f}{' ‡' * bool(r.get('shared_cpu'))} |")

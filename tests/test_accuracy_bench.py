@@ -53,3 +53,6 @@ def test_markdown_tables(acc):
     assert lines[5] == "| rotation | (defaults) | 100.00 | 0.0% | 0.50 | 0.01 | +0.0% | 9 ‡ |"
     assert lines[6] == "| expand-s1 | `--expand down_proj=1` | 60.00 | 50.0% | 0.55 | 0.05 | +1.6% | 12 |"
     assert "| rotation | (defaults) | 30.00 | 0.0% | — | — | +0.0% | 5 |" in w4a16
+    result["rows"].append({"config": "rtn-no-rotation", "scheme": "w4a16", "ppl": 50.0, "param_overhead": 0.0,
+                           "convert_s": 1.0})
+    assert "| `--no-r1 --no-r2 --online '' --clip none` |" in acc.markdown_tables(result)  # shell-quoted: copy-pastable
