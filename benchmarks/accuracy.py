@@ -161,6 +161,8 @@ def main() -> int:
         if any(old.get(k) != result.get(k) for k in same):
             raise SystemExit(f"{out} was measured with another protocol ({[old.get(k) for k in same]}); pass --out")
         result["rows"] = old["rows"]
+        for key, value in old.items():  # notes added to the file by hand stay
+            result.setdefault(key, value)
 
     def save(row: dict) -> None:
         result["rows"] = [r for r in result["rows"] if (r["config"], r["scheme"]) != (row["config"], row["scheme"])]
