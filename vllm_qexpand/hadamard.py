@@ -204,12 +204,29 @@ def hadamard_transform(x: torch.Tensor, k: int, hk: torch.Tensor | None = None) 
     m = x.shape[-1]
     p = m // k
     if hk is None:
-        hk = hadamard_k(k).to(x.dtype)
+        hk = hadamard_k(k)
+    hk = hk.to(device=x.device, dtype=x.dtype)  # no-op on the hot path (a cached copy on x's device)
     lead = x.shape[:-1]
     y = fwht(x.reshape(*lead, k, p))
     if k > 1:
-        y = torch.matmul(hk, y)  # (K×K) @ (..., K, P)
+        y = _hk_apply(hk, y)
     return y.reshape(*lead, m) * (1.0 / math.sqrt(m))
+
+
+def _hk_apply(hk: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """H_K @ y over dim -2 of y (..., K, P), summing the K terms in one fixed order.
+
+    Each output is ((h_i0·y_0 + h_i1·y_1) + h_i2·y_2) + ...: products with ±1 are exact and the
+    additions run in the same order for every row, so a token's result does not depend on how
+    many tokens are transformed with it (a batched ``matmul`` picks its blocking, hence its
+    summation order, by shape; see docs/serving.md, "Batch invariance").
+    """
+    k = hk.shape[0]
+    h = hk.reshape(k, k, 1)  # [i, j, 1]
+    acc = h[:, 0] * y[..., 0:1, :]
+    for j in range(1, k):
+        acc = acc + h[:, j] * y[..., j : j + 1, :]
+    return acc
 
 
 def next_size(n: int, steps: int = 1, multiple: int = 1) -> int:

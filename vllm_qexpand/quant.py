@@ -90,6 +90,79 @@ def quantize_activation(
     return q, scale
 
 
+# ----------------------------------------------------------------------------- integer-exact GEMM
+# Every layout of a w4a4/w4a8 linear (CPU int8 and float32 GEMMs, the torch reference, the
+# Triton kernels) computes the same bits for a token, whatever else is in the batch, by
+# multiplying *codes* and applying the scales afterwards in one fixed order:
+#
+#     acc[t, n] = Σ_k q_x[t, k] · q_w[n, k]          an exact integer (int32, or float32 below 2^24)
+#     y[t, n]   = (float32(acc[t, n]) · s_w[n]) · s_x[t]
+#
+# (per group of g inputs: y = (Σ_g float32(acc_g) · s_w[n, g], summed in group order) · s_x[t]).
+# A float32 GEMM over integer-valued operands is exact whatever its summation order while no
+# partial sum can exceed 2^24; `exact_in_float32` says when that holds, else the sum is taken
+# in float64 (exact to 2^53) and rounded once, as the int32 -> float32 conversion rounds.
+
+FLOAT32_EXACT_INT = 2**24
+
+
+def exact_in_float32(k: int, act_bits: int) -> bool:
+    """Whether Σ over `k` products q_x·q_w (|q_x| ≤ 2^(bits-1), |q_w| ≤ 8) is exact in float32 in any order."""
+    return k * 2 ** (act_bits - 1) * -WEIGHT_QMIN <= FLOAT32_EXACT_INT
+
+
+def code_matmul(q: torch.Tensor, codes: torch.Tensor, act_bits: int, group_size: int = 0) -> torch.Tensor:
+    """Exact Σ q_x·q_w as float32: [T, N] (group_size 0) or [G, T, N] (one sum per group of inputs).
+
+    `q`: activation codes (float) [T, M]; `codes`: weight codes [N, M] (any dtype holding them).
+    """
+    g = group_size or q.shape[-1]
+    dtype = torch.float32 if exact_in_float32(g, act_bits) else torch.float64
+    w = codes.to(dtype)
+    if not group_size:
+        return torch.matmul(q.to(dtype), w.t()).to(torch.float32)
+    t, m = q.shape
+    qg = q.to(dtype).reshape(t, m // g, g).transpose(0, 1)  # [G, T, g]
+    wg = w.reshape(w.shape[0], m // g, g).permute(1, 2, 0)  # [G, g, N]
+    return torch.bmm(qg, wg).to(torch.float32)
+
+
+def apply_scales(acc: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
+    """y = (acc · s_w) · s_x in float32; `acc` [T, N] or per group [G, T, N] (w_scale [N, G]), groups summed in order."""
+    w_scale = w_scale.to(torch.float32)
+    if acc.dim() == 2:
+        y = acc * w_scale.reshape(1, -1)
+    else:
+        y = acc[0] * w_scale[:, 0]
+        for i in range(1, acc.shape[0]):
+            y = y + acc[i] * w_scale[:, i]
+    return y * a_scale.to(torch.float32)
+
+
+def qlinear_codes(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    act_bits: int,
+    group_size: int = 0,
+    rotation: tuple | None = None,
+    hk: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The w4a4/w4a8 linear, integer-exact: rotate, quantize per token, Σ codes, then scales. Float32 [..., N].
+
+    The reference formulation every serving layout reproduces bit for bit (see above);
+    `codes` int4 values [N, M], `w_scale` [N, 1] or [N, M/group_size].
+    """
+    lead = x.shape[:-1]
+    xf = x.to(torch.float32).reshape(-1, x.shape[-1])
+    if rotation is not None:
+        xf = online_rotate(xf, rotation[0], rotation[1], hk, rotation[2] if len(rotation) > 2 else 1)
+    q, s = quantize_activation(xf, act_bits)
+    y = apply_scales(code_matmul(q, codes, act_bits, group_size), w_scale, s)
+    return y.reshape(*lead, y.shape[-1])
+
+
 def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     q, scale = quantize_activation(x, bits)
     return q * scale

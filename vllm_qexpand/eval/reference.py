@@ -2,8 +2,11 @@
 
 The qexpand model is the transformers model of the same architecture whose decoder
 linears are replaced by ``QLinear``: pad + online Hadamard (if any), dynamic
-per-token activation quantization (if any), GEMM with the dequantized int4 weight
-(`quant.qlinear`). This is what the served model is compared with.
+per-token activation quantization (if any), GEMM. With quantized activations (w4a4,
+w4a8) the GEMM multiplies the int4 codes exactly and applies the scales afterwards
+(`quant.qlinear_codes`), the formulation every serving layout computes bit for bit; w4a16
+and scheme none multiply the dequantized float weight (`quant.qlinear`). This is what the
+served model is compared with.
 """
 from __future__ import annotations
 
@@ -15,21 +18,29 @@ from safetensors import safe_open
 
 from ..format import QExpandSpec, linear_names
 from ..hadamard import hadamard_k
-from ..quant import dequantize_weight, qlinear, unpack_int4
+from ..quant import dequantize_weight, qlinear, qlinear_codes, unpack_int4
 
 
 class QLinear(torch.nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_bits, rotation):
+    """One decoder linear of the reference. `codes`/`scale`: int4 codes and their scales (quantized
+    activations: the integer-exact GEMM); `weight`: a float weight (w4a16 dequantized, or scheme none)."""
+
+    def __init__(self, weight, bias, act_bits, rotation, *, codes=None, scale=None, group_size: int = 0):
         super().__init__()
         # plain attributes, not buffers: they stay float32 whatever model.to(dtype) does
-        self.weight = weight.float()
+        self.weight = None if weight is None else weight.float()
+        self.codes, self.scale, self.group_size = codes, None if scale is None else scale.float(), group_size
         self.bias = None if bias is None else bias.float()
         self.act_bits = act_bits
         self.rotation = rotation
         self.hk = hadamard_k(rotation[1]).float() if rotation else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = qlinear(x, self.weight, act_bits=self.act_bits, rotation=self.rotation, hk=self.hk)
+        if self.codes is not None:
+            y = qlinear_codes(x, self.codes, self.scale, act_bits=self.act_bits, group_size=self.group_size,
+                              rotation=self.rotation, hk=self.hk)  # fmt: skip
+        else:
+            y = qlinear(x, self.weight, act_bits=self.act_bits, rotation=self.rotation, hk=self.hk)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
@@ -62,16 +73,19 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
         for name in linear_names(i):
             parent_name, attr = name.rsplit(".", 1)
             parent = model.get_submodule(parent_name)
-            if spec.quantized:
-                w = dequantize_weight(
-                    unpack_int4(tensors.pop(f"{name}.weight_packed")), tensors.pop(f"{name}.weight_scale").float(), spec.group_size
-                )
-            else:
-                w = tensors.pop(f"{name}.weight").float()
             bias = tensors.pop(f"{name}.bias", None)
             online = spec.online.get(name)
-            rotation = online.rotation if online else None
-            setattr(parent, attr, QLinear(w, bias, spec.act_bits, rotation))
+            common = dict(bias=bias, act_bits=spec.act_bits, rotation=online.rotation if online else None)
+            if spec.quantized:
+                codes = unpack_int4(tensors.pop(f"{name}.weight_packed"))
+                scale = tensors.pop(f"{name}.weight_scale").float()
+                if spec.act_bits is not None:
+                    layer = QLinear(None, codes=codes, scale=scale, group_size=spec.group_size, **common)
+                else:
+                    layer = QLinear(dequantize_weight(codes, scale, spec.group_size), **common)
+            else:
+                layer = QLinear(tensors.pop(f"{name}.weight").float(), **common)
+            setattr(parent, attr, layer)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
     # what is left to load: embeddings, norms, lm_head (QLinear buffers were set above)
     missing = [m for m in missing if not m.startswith(tuple(f"{n}." for i in range(config.num_hidden_layers) for n in linear_names(i)))]

@@ -53,7 +53,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..quant import dequantize_weight, online_rotate, quantize_activation
+from ..quant import apply_scales, code_matmul, dequantize_weight, exact_in_float32, online_rotate, quantize_activation
 from ._trace import TRACE_ENV, trace
 
 LAYOUT_ENV = "VLLM_QEXPAND_CPU_LAYOUT"
@@ -89,14 +89,16 @@ class Gemm:
         int8_ok = codes is not None and act_bits is not None and group_size == 0 and _onednn() is not None
         if choice in ("int8", "hybrid") and not int8_ok:
             raise ValueError(f"{LAYOUT_ENV}={choice} needs w4a4/w4a8 with per-channel scales and oneDNN")
-        if dense is None and choice != "int8":
-            dense = dequantize_weight(codes, scale, group_size)
-        if choice == "int8":
-            gemm: Gemm = Int8Gemm(codes, scale)
-        elif choice == "hybrid" or (choice == "auto" and int8_ok):
-            gemm = HybridGemm(Int8Gemm(codes, scale), DenseGemm(dense))
+        if act_bits is not None and codes is not None:  # quantized activations: integer-exact layouts only
+            code = CodeGemm(codes, scale, group_size, act_bits)
+            if choice == "int8" or (int8_ok and choice != "dense" and not code.exact):
+                gemm: Gemm = Int8Gemm(codes, scale)  # float32 sums would not be exact at this width: int32 always
+            elif choice == "hybrid" or (choice == "auto" and int8_ok):
+                gemm = HybridGemm(Int8Gemm(codes, scale), code)
+            else:
+                gemm = code
         else:
-            gemm = DenseGemm(dense)
+            gemm = DenseGemm(dequantize_weight(codes, scale, group_size) if dense is None else dense)
         gemm.key = str(len(_GEMMS))
         gemm.name = name
         gemm.kernels_seen = set()
@@ -109,14 +111,14 @@ class Gemm:
         return self.layout
 
     def float_mm(self, x: torch.Tensor) -> torch.Tensor:  # float32 [T, M] -> float32 [T, N]
-        raise NotImplementedError
+        raise RuntimeError(f"the {self.layout} layout needs quantized activations")
 
     def quant_mm(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # codes (float) [T, M], scales [T, 1]
-        return self.float_mm(q * s)
+        raise NotImplementedError
 
 
 class DenseGemm(Gemm):
-    """Dequantized float32 weight prepacked for oneDNN (what vLLM does for unquantized fp32 linears)."""
+    """A float32 weight prepacked for oneDNN (what vLLM does for unquantized fp32 linears): w4a16, scheme none."""
 
     def __init__(self, w: torch.Tensor):
         w = w.to(torch.float32).contiguous()
@@ -139,8 +141,31 @@ class DenseGemm(Gemm):
         return F.linear(x, self.w)
 
 
+class CodeGemm(Gemm):
+    """w4a4/w4a8 weight codes as float32 (exact integers) in a prepacked oneDNN fp32 GEMM; scales applied after.
+
+    The float32 GEMM of integer codes is exact whatever its blocking while the sums stay below
+    2^24 (``quant.exact_in_float32``: any K for int4 activations, K ≤ 16384 for int8), so it
+    computes the same bits as the int8 layout and the reference. Group scales: one exact sum per
+    group (``quant.code_matmul``), combined in group order.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, group_size: int, act_bits: int):
+        self.n, self.k = codes.shape
+        self.group_size, self.act_bits = group_size, act_bits
+        self.scale = scale.to(torch.float32).contiguous()
+        self.exact = exact_in_float32(group_size or self.k, act_bits)
+        self.mm = DenseGemm(codes.to(torch.float32)) if group_size == 0 and self.exact else None
+        self.codes = None if self.mm is not None else codes.to(torch.int8).contiguous()
+        self.layout = self.mm.layout if self.mm is not None else "dense-torch"
+
+    def quant_mm(self, q, s):
+        acc = self.mm.float_mm(q) if self.mm is not None else code_matmul(q, self.codes, self.act_bits, self.group_size)
+        return apply_scales(acc, self.scale, s)
+
+
 class Int8Gemm(Gemm):
-    """int4 codes as int8 in a oneDNN s8s8 GEMM: y = s_x · s_w · (q_x · q_w), int32 accumulation."""
+    """int4 codes as int8 in a oneDNN s8s8 GEMM with unit scales (the exact int32 sums), then (acc · s_w) · s_x."""
 
     layout = "int8"
 
@@ -148,39 +173,35 @@ class Int8Gemm(Gemm):
         from vllm import _custom_ops as ops
 
         self.n, self.k = codes.shape
+        self.scale = scale.reshape(-1, 1).to(torch.float32).contiguous()
         # oneDNN copies the weight but keeps a pointer to the scales: they must outlive the handler
-        self.scale = scale.reshape(-1).to(torch.float32).contiguous().clone()
-        self.handler = ops.create_onednn_scaled_mm(codes.to(torch.int8).t(), self.scale, torch.float32, True, False, 32)
-
-    def float_mm(self, x):
-        raise RuntimeError("the int8 layout needs quantized activations")
+        self.unit = torch.ones(self.n, dtype=torch.float32)
+        self.handler = ops.create_onednn_scaled_mm(codes.to(torch.int8).t(), self.unit, torch.float32, True, False, 32)
 
     def quant_mm(self, q, s):
         from vllm import _custom_ops as ops
 
-        out = torch.empty((q.shape[0], self.n), dtype=torch.float32, device=q.device)
-        ops.onednn_scaled_mm(self.handler, q.to(torch.int8), out, s.to(torch.float32).contiguous(), None, None, None)
-        return out
+        acc = torch.empty((q.shape[0], self.n), dtype=torch.float32, device=q.device)
+        ones = torch.ones((q.shape[0], 1), dtype=torch.float32, device=q.device)
+        ops.onednn_scaled_mm(self.handler, q.to(torch.int8), acc, ones, None, None, None)
+        return apply_scales(acc, self.scale, s)
 
 
 class HybridGemm(Gemm):
-    """int8 for prefill-sized batches (T >= INT8_MIN_TOKENS), dequantized fp32 below (decode)."""
+    """int8 for prefill-sized batches (T >= INT8_MIN_TOKENS), float32 codes below (decode): the same bits either way."""
 
     layout = "int8+dense"
 
-    def __init__(self, int8: Int8Gemm, dense: DenseGemm):
-        self.int8, self.dense, self.n = int8, dense, int8.n
+    def __init__(self, int8: Int8Gemm, code: CodeGemm):
+        self.int8, self.code, self.n = int8, code, int8.n
 
     def kernel(self, tokens, quantized):
-        return "int8" if quantized and tokens >= INT8_MIN_TOKENS else self.dense.layout
-
-    def float_mm(self, x):
-        return self.dense.float_mm(x)
+        return "int8" if quantized and tokens >= INT8_MIN_TOKENS else self.code.layout
 
     def quant_mm(self, q, s):
         if q.shape[0] >= INT8_MIN_TOKENS:
             return self.int8.quant_mm(q, s)
-        return self.dense.quant_mm(q, s)
+        return self.code.quant_mm(q, s)
 
 
 def _cpu_gemm(x: torch.Tensor, scale: torch.Tensor | None, key: str) -> torch.Tensor:
@@ -235,12 +256,12 @@ def forward(
         if amax_reduce is not None:
             amax = amax_reduce(xf.abs().amax(dim=-1, keepdim=True))
         q, s = quantize_activation(xf, act_bits, amax=amax)
-    if getattr(gemm, "w", None) is not None:  # plain torch layout (no oneDNN, e.g. scheme none on CUDA)
-        y = F.linear(xf if act_bits is None else q * s, gemm.w)
-    elif act_bits is None:
-        y = torch.ops.qexpand.cpu_gemm(xf, None, gemm.key)
-    else:
+    if act_bits is not None:
         y = torch.ops.qexpand.cpu_gemm(q, s, gemm.key)
+    elif getattr(gemm, "w", None) is not None:  # plain torch layout (no oneDNN, e.g. scheme none on CUDA)
+        y = F.linear(xf, gemm.w)
+    else:
+        y = torch.ops.qexpand.cpu_gemm(xf, None, gemm.key)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
