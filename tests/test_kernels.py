@@ -168,6 +168,10 @@ GEMM_CASES = [
     (1, 32, 1536, 4, 0, dict(BM=16, BN=32, BK=64, split_k=4), torch.bfloat16, True),
     (3, 32, 256, 8, 64, dict(BM=16, BN=32, BK=32, split_k=1), torch.float32, False),
     (3, 32, 192, 4, 64, dict(BM=16, BN=32, BK=64, split_k=1), torch.float32, True),
+    (3, 32, 256, 4, 128, dict(BM=16, BN=32, BK=64, split_k=1), torch.float32, False),  # 2 K tiles per group
+    # K % BK != 0: the masked K tail (0 bytes), with N and T not multiples of the tile (clamped rows)
+    (5, 40, 208, 4, 0, dict(BM=16, BN=32, BK=64, split_k=2), torch.float32, True),
+    (5, 40, 208, 8, 0, dict(BM=16, BN=32, BK=64, split_k=1), torch.float32, False),
 ]
 
 

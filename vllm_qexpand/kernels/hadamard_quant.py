@@ -249,7 +249,7 @@ def _num_warps(pl: Plan) -> int:
     return 4 if cells <= 2048 else 8 if cells <= 8192 else 16
 
 
-def hadamard_quant(
+def plan_launch(
     x: torch.Tensor,
     size: int,
     k: int,
@@ -261,11 +261,10 @@ def hadamard_quant(
     tokens_per_program: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton launch: x [T, N] -> (codes, scale float32 [T, 1], sums int32 [T]); see module doc.
+    """((codes, scale, sums), [(kernel, grid, args, kwargs)]): what :func:`hadamard_quant` launches.
 
-    ``k = 0``: quantize only (pad to ``size``). ``hrow``/``hcol`` default to
-    :func:`hadamard_operands` (cached per rotation; pass them explicitly on hot paths).
-    ``out`` are preallocated outputs (every element is written).
+    The one place that chooses the configuration; ``kernels/aot.py`` compiles these launches
+    (meta tensors work: nothing is read here).
     """
     if not HAS_TRITON:
         raise RuntimeError("hadamard_quant needs Triton")
@@ -297,15 +296,40 @@ def hadamard_quant(
     else:
         codes, scale, sums = out
     if t == 0:
-        return codes, scale, sums
+        return (codes, scale, sums), []
     tokens = tokens_per_program or _tokens_per_program(t)
-    _hadamard_quant_kernel[(triton.cdiv(t, tokens),)](
-        x, hrow, hcol, codes, scale, sums,
-        t, n // blocks, size // blocks, x.stride(0), codes.stride(0), float(1.0 / math.sqrt(size // blocks)),
-        NB=pl.blocks, R=pl.r, RB=pl.rb, P2=pl.p2, PB=pl.pb, ROWS=pl.rows, RC=min(pl.rows, 32),
-        ROTATE=pl.rotate, DOT_F32=hcol.dtype == torch.float32,
-        PREC="ieee" if interpreting() else "tf32x3",
-        BITS=bits, TOKENS=tokens, num_warps=_num_warps(pl),
-        num_stages=1,  # pipelining the token loop multi-buffers the chunks: > 228 KiB smem at K = 140
+    launch = (
+        _hadamard_quant_kernel, (triton.cdiv(t, tokens),),
+        (x, hrow, hcol, codes, scale, sums,
+         t, n // blocks, size // blocks, x.stride(0), codes.stride(0), float(1.0 / math.sqrt(size // blocks))),
+        dict(NB=pl.blocks, R=pl.r, RB=pl.rb, P2=pl.p2, PB=pl.pb, ROWS=pl.rows, RC=min(pl.rows, 32),
+             ROTATE=pl.rotate, DOT_F32=hcol.dtype == torch.float32,
+             PREC="ieee" if interpreting() else "tf32x3",
+             BITS=bits, TOKENS=tokens, num_warps=_num_warps(pl),
+             num_stages=1),  # pipelining the token loop multi-buffers the chunks: > 228 KiB smem at K = 140
     )
-    return codes, scale, sums
+    return (codes, scale, sums), [launch]
+
+
+def hadamard_quant(
+    x: torch.Tensor,
+    size: int,
+    k: int,
+    blocks: int = 1,
+    bits: int = 8,
+    hrow: torch.Tensor | None = None,
+    hcol: torch.Tensor | None = None,
+    *,
+    tokens_per_program: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton launch: x [T, N] -> (codes, scale float32 [T, 1], sums int32 [T]); see module doc.
+
+    ``k = 0``: quantize only (pad to ``size``). ``hrow``/``hcol`` default to
+    :func:`hadamard_operands` (cached per rotation; pass them explicitly on hot paths).
+    ``out`` are preallocated outputs (every element is written).
+    """
+    outs, launches = plan_launch(x, size, k, blocks, bits, hrow, hcol, tokens_per_program=tokens_per_program, out=out)
+    for kernel, grid, args, kwargs in launches:
+        kernel[grid](*args, **kwargs)
+    return outs

@@ -95,11 +95,14 @@ def w4_gemm_reference(
 # ----------------------------------------------------------------------------- configs
 
 # (BM, BN, BK, num_warps, num_stages). Not timed on a GPU yet (benchmarks/kernels.py --tune
-# sweeps); picked so that ptxas reports no register spills for sm_90 (python -m
-# vllm_qexpand.kernels.aot --ptxas-info), unlike e.g. 128x128x128 or 256x128x*.
+# sweeps); picked from the static report (benchmarks/kernel_sass.py: SASS instructions per
+# warp per main-loop iteration, registers, spills for sm_90a): no spills anywhere; "small" at
+# 64x128x64 with 4 warps issues 112 instructions per iteration where 64x128x128 with 8 warps
+# issued 226 (its A tile went through shared memory); 128x256 and 256x128 with BK = 128 need
+# 209-228 registers and 156-211 instructions per iteration, more per MAC than 128x128x64.
 _CONFIGS = {
     "decode": (16, 64, 128, 4, 4),
-    "small": (64, 128, 128, 8, 4),
+    "small": (64, 128, 64, 4, 4),
     "large": (128, 128, 64, 8, 4),
 }
 
@@ -110,8 +113,12 @@ def _sm_count(device: torch.device) -> int:
     return 8
 
 
-def default_config(m: int, n: int, k: int, device: torch.device, group_size: int = 0) -> dict:
-    """Tile sizes, split-K and launch options for a GEMM of M tokens, N outputs, K inputs."""
+def default_config(m: int, n: int, k: int, device: torch.device, group_size: int = 0, sm_count: int | None = None) -> dict:
+    """Tile sizes, split-K and launch options for a GEMM of M tokens, N outputs, K inputs.
+
+    ``sm_count`` overrides the device's (the static report plans for an H100/H200's 132).
+    """
+    sms = sm_count or _sm_count(device)
     key = "decode" if m <= 16 else "small" if m <= 64 else "large"
     bm, bn, bk, warps, stages = _CONFIGS[key]
     if group_size:
@@ -119,9 +126,9 @@ def default_config(m: int, n: int, k: int, device: torch.device, group_size: int
     split = 1
     tiles = -(-m // bm) * -(-n // bn)
     k_tiles = -(-k // bk)
-    if not group_size and tiles < _sm_count(device):
+    if not group_size and tiles < sms:
         # enough CTAs to fill the GPU, but keep >= 4 K tiles per slice
-        split = max(1, min(2 * _sm_count(device) // tiles, k_tiles // 4, 16))
+        split = max(1, min(2 * sms // tiles, k_tiles // 4, 16))
     return {"BM": bm, "BN": bn, "BK": bk, "split_k": split, "num_warps": warps, "num_stages": stages}
 
 
@@ -132,8 +139,8 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _unpack(p, FAST: tl.constexpr):
-        """uint8 [R, C] of two value+8 nibbles -> int8 [R, 2C] values 0..15 in k order."""
+    def _planes(p, FAST: tl.constexpr):
+        """uint8 [R, C] of two value+8 nibbles -> (low, high) nibble planes, uint8 [R, C] each, 0..15."""
         if FAST:
             lo, hi = tl.inline_asm_elementwise(
                 "and.b32 $0, $2, 0x0F0F0F0F;\n"
@@ -148,6 +155,12 @@ if HAS_TRITON:
         else:
             lo = p & 0xF
             hi = p >> 4
+        return lo, hi
+
+    @triton.jit
+    def _unpack(p, FAST: tl.constexpr):
+        """uint8 [R, C] of two value+8 nibbles -> int8 [R, 2C] values 0..15 in k order (W4A8's weights)."""
+        lo, hi = _planes(p, FAST)
         return tl.interleave(lo, hi).to(tl.int8)
 
     @triton.jit
@@ -172,11 +185,59 @@ if HAS_TRITON:
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
     @triton.jit
+    def _k_step(acc, a_rows, w_rows, k0, K, KH, A_PACKED: tl.constexpr, SIGNED: tl.constexpr, EVEN_K: tl.constexpr,
+                BK: tl.constexpr, FAST: tl.constexpr):
+        """acc += the [BM, BK] x [BK, BN] product of K tile k0 (int32).
+
+        Value+8 codes (SIGNED = False; the epilogue removes the zero points) or signed ones
+        (grouped scales). W4A4 multiplies the low nibble planes of A and W, then the high ones:
+        both hold the same k pairing (byte j = inputs 2j, 2j+1), so no reordering to k order is
+        needed. W4A8 interleaves the weight planes back to k order to meet the int8 activations.
+        Without EVEN_K the K tail is masked with 0 bytes: a weight code of 0 is value+8 = 0, which
+        zeroes the product whatever A holds, and A's padding is 0 too (W4A8: a = 0).
+        """
+        offs_h = k0 // 2 + tl.arange(0, BK // 2)
+        if EVEN_K:
+            wp = tl.load(w_rows + offs_h[None, :])
+        else:
+            wp = tl.load(w_rows + offs_h[None, :], mask=(offs_h < KH)[None, :], other=0)
+        if A_PACKED:
+            if EVEN_K:
+                ap = tl.load(a_rows + offs_h[None, :])
+            else:
+                ap = tl.load(a_rows + offs_h[None, :], mask=(offs_h < KH)[None, :], other=0)
+            a_lo, a_hi = _planes(ap, FAST)
+            w_lo, w_hi = _planes(wp, FAST)
+            a_lo = a_lo.to(tl.int8)
+            a_hi = a_hi.to(tl.int8)
+            w_lo = w_lo.to(tl.int8)
+            w_hi = w_hi.to(tl.int8)
+            if SIGNED:
+                a_lo = a_lo - 8
+                a_hi = a_hi - 8
+                w_lo = w_lo - 8
+                w_hi = w_hi - 8
+            acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+        else:
+            offs_k = k0 + tl.arange(0, BK)
+            if EVEN_K:
+                a = tl.load(a_rows + offs_k[None, :])
+            else:
+                a = tl.load(a_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
+            b = tl.trans(_unpack(wp, FAST))
+            if SIGNED:
+                b = b - 8
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        return acc
+
+    @triton.jit
     def _w4_gemm_kernel(
         a_ptr, as_ptr, asum_ptr, w_ptr, wsum_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
         M, N, K, K_SLICE, stride_am, stride_wn, stride_ws, stride_om,
         A_PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FAST: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
         # grouped tile order along M for L2 reuse of the weight tiles
         pid = tl.program_id(0)
@@ -190,41 +251,30 @@ if HAS_TRITON:
 
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
-        mm = offs_m < M
-        nm = offs_n < N
-        a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        # rows past M / N read a valid row again (their outputs are never stored): no row masks
+        a_rows = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am
+        w_rows = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn
         KH = K // 2
 
         k_lo = tl.program_id(1) * K_SLICE
         k_hi = tl.minimum(k_lo + K_SLICE, K)
         if GROUP > 0:
+            # scales applied per whole group to its exact int32 sum, groups added in order
+            # (the integer-exact formulation of quant.apply_scales); K % GROUP == 0, GROUP % BK == 0
             acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for g0 in range(0, K, GROUP):
+                gacc = tl.zeros((BM, BN), dtype=tl.int32)
+                for kk in tl.static_range(0, GROUP, BK):
+                    gacc = _k_step(gacc, a_rows, w_rows, g0 + kk, K, KH, A_PACKED, True, True, BK, FAST)
+                wsg = tl.load(ws_ptr + (offs_n % N) * stride_ws + g0 // GROUP)
+                acc += gacc.to(tl.float32) * wsg[None, :]
         else:
             acc = tl.zeros((BM, BN), dtype=tl.int32)
-        for k0 in range(k_lo, k_hi, BK):
-            offs_h = k0 // 2 + tl.arange(0, BK // 2)
-            hm = offs_h < KH
-            # padding: w = 0 (byte 0x88); a = 0 (int8) or, packed, 0x00 (value+8 = 0 so the
-            # product vanishes) on the per-channel path and 0x88 (a = 0) on the grouped one
-            wp = tl.load(w_rows + offs_h[None, :], mask=nm[:, None] & hm[None, :], other=0x88)
-            b = tl.trans(_unpack(wp, FAST))
-            if A_PACKED:
-                ap = tl.load(a_rows + offs_h[None, :], mask=mm[:, None] & hm[None, :],
-                             other=0x88 if GROUP > 0 else 0)
-                a = _unpack(ap, FAST)
-            else:
-                offs_k = k0 + tl.arange(0, BK)
-                a = tl.load(a_rows + offs_k[None, :], mask=mm[:, None] & (offs_k < K)[None, :], other=0)
-            if GROUP > 0:
-                if A_PACKED:
-                    a = a - 8
-                part = tl.dot(a, b - 8, out_dtype=tl.int32)
-                wsg = tl.load(ws_ptr + offs_n * stride_ws + k0 // GROUP, mask=nm, other=0.0)
-                acc += part.to(tl.float32) * wsg[None, :]
-            else:
-                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            for k0 in range(k_lo, k_hi, BK):
+                acc = _k_step(acc, a_rows, w_rows, k0, K, KH, A_PACKED, False, EVEN_K, BK, FAST)
 
+        mm = offs_m < M
+        nm = offs_n < N
         if SPLIT_K > 1:
             ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
             tl.atomic_add(ptrs, acc, mask=mm[:, None] & nm[None, :])
@@ -250,9 +300,16 @@ def _fast_default(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and torch.version.hip is None
 
 
-def _launch(
-    a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, a_packed, config, out
+def plan_launches(
+    a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, a_packed, config, out,
+    sm_count: int | None = None,
 ):
+    """(out, [(kernel, grid, args, kwargs), ...]): the launches a GEMM call makes, not run.
+
+    The one place that chooses the configuration: :func:`_launch` runs these launches and the
+    static report (``kernels/aot.py``) compiles exactly these, with the JIT's specialization
+    of these arguments (meta tensors work: nothing is read here).
+    """
     if not HAS_TRITON:
         raise RuntimeError("the W4 GEMM needs Triton")
     t = a.shape[0]
@@ -274,7 +331,7 @@ def _launch(
             raise ValueError(f"weight_scale {tuple(weight_scale.shape)} does not match K={k}, group_size={group_size}")
     elif ws.shape[1] != 1:
         raise ValueError(f"per-channel weight_scale must be [N, 1], got {tuple(weight_scale.shape)}")
-    cfg = default_config(t, n, k, a.device, group_size)
+    cfg = default_config(t, n, k, a.device, group_size, sm_count)
     cfg.update(config or {})
     bm, bn, bk, split = cfg["BM"], cfg["BN"], cfg["BK"], cfg["split_k"]
     if group_size and (group_size % bk or split != 1):
@@ -286,7 +343,7 @@ def _launch(
     if bias is not None:
         bias = bias.contiguous()
     if t == 0 or n == 0:
-        return out
+        return out, []
     k_tiles = -(-k // bk)
     split = max(1, min(split, k_tiles))
     k_slice = -(-k_tiles // split) * bk
@@ -297,20 +354,33 @@ def _launch(
     bias_arg = bias if bias is not None else ws
     fast = cfg.get("fast", _fast_default(a.device))
     grid = (triton.cdiv(t, bm) * triton.cdiv(n, bn), split)
-    _w4_gemm_kernel[grid](
-        a, a_scale, a_sum, weight, weight_sums, ws, bias_arg, out, part,
-        t, n, k, k_slice, a.stride(0), weight.stride(0), ws.stride(0), out.stride(0),
-        A_PACKED=a_packed, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
-        BM=bm, BN=bn, BK=bk, GROUP_M=8, FAST=fast,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    launches = [(
+        _w4_gemm_kernel, grid,
+        (a, a_scale, a_sum, weight, weight_sums, ws, bias_arg, out, part,
+         t, n, k, k_slice, a.stride(0), weight.stride(0), ws.stride(0), out.stride(0)),
+        dict(A_PACKED=a_packed, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
+             BM=bm, BN=bn, BK=bk, GROUP_M=8, FAST=fast, EVEN_K=k % bk == 0 and k_slice % bk == 0,
+             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})),
+    )]
     if split > 1:
         ebm, ebn = 16, 64
-        _split_k_epilogue_kernel[(triton.cdiv(t, ebm), triton.cdiv(n, ebn))](
-            part, a_scale, a_sum, weight_sums, ws, bias_arg, out,
-            t, n, k, ws.stride(0), out.stride(0),
-            A_PACKED=a_packed, HAS_BIAS=bias is not None, BM=ebm, BN=ebn, num_warps=4,
-        )
+        launches.append((
+            _split_k_epilogue_kernel, (triton.cdiv(t, ebm), triton.cdiv(n, ebn)),
+            (part, a_scale, a_sum, weight_sums, ws, bias_arg, out, t, n, k, ws.stride(0), out.stride(0)),
+            dict(A_PACKED=a_packed, HAS_BIAS=bias is not None, BM=ebm, BN=ebn, num_warps=4),
+        ))
+    return out, launches
+
+
+def _launch(
+    a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, a_packed, config, out
+):
+    out, launches = plan_launches(
+        a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, a_packed, config, out
+    )
+    for kernel, grid, args, kwargs in launches:
+        kernel[grid](*args, **kwargs)
     return out
 
 
