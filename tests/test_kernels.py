@@ -13,6 +13,7 @@ if os.environ.get("QEXPAND_TEST_COMPILED") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -284,6 +285,106 @@ def test_linear_tp2_ranks_sum_to_tp1(bits):
     assert (alone[0] + alone[1] - ref).abs().max().item() > 1e-3 * ref.abs().max().item()  # per-rank scales differ
 
 
+@needs_interpreter
+def test_tp_amax_two_pass_kernels_match_reference():
+    """hadamard_absmax + hadamard_quant(amax=...) = the reference quantized with the reduced max."""
+    x = _act(5, 512, seed=11)
+    x[:, 7] *= 40
+    for bits in (4, 8):
+        local = hq.hadamard_absmax(x, 576, 36, 1)
+        rot = quant.online_rotate(x, 576, 36, None, 1)
+        torch.testing.assert_close(local, rot.abs().amax(-1, keepdim=True), rtol=1e-6, atol=0)
+        big = local * torch.tensor([[1.0], [3.0], [1.5], [1.0], [7.0]])  # what another rank's larger max gives
+        codes, scale, sums = hq.hadamard_quant(x, 576, 36, 1, bits, amax=big)
+        ref_codes, ref_scale, _ = hq.hadamard_quant_reference(x, 576, 36, 1, bits, amax_reduce=lambda a: a * (big / local))
+        torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+        _check_codes(codes, ref_codes, bits)
+        assert torch.equal(sums, _unpacked(codes, bits).int().sum(1, dtype=torch.int32))
+        own, _, _ = hq.hadamard_quant(x, 576, 36, 1, bits)
+        assert not torch.equal(codes, own)  # the reduced max was used
+
+
+def test_tp_fallback_stays_on_the_input_device():
+    """The torch reference's rotation at TP > 1 (H_K included) runs on x's device.
+
+    Every tensor that reaches a torch function must be on the input's device: with H_K built
+    on the CPU (the old ``hadamard_transform``) a CUDA activation crashed on the first forward
+    of a row-parallel layer; a meta activation makes the same mismatch visible here.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    mixed, calls = [], []
+
+    class Devices(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            devices = {t.device.type for a in list(args) + list((kwargs or {}).values())
+                       for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)}
+            calls.append(func)
+            if len(devices) > 1 and func is not torch.Tensor.to:  # an explicit transfer is fine
+                mixed.append((getattr(func, "__name__", str(func)), devices))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.empty(3, 14336, device="meta")
+    with Devices():
+        codes, scale, sums = hq.hadamard_quant_reference(x, 14336, 28, 1, 4, amax_reduce=lambda a: a * 2)
+    assert len(calls) > 10 and not mixed, mixed
+    assert codes.device.type == scale.device.type == sums.device.type == "meta"
+
+
+@needs_interpreter
+def test_token_result_does_not_depend_on_the_batch():
+    """Issue 17: a token's codes, scale, code sum and GEMM output row are bit-identical alone and
+    in batches of T = 1, 7, 64, 130 under every tokens-per-program and GEMM tile configuration."""
+    n, m, k, out = 448, 512, 1, 48
+    rotation = (512, 1, 1)
+    pool = _act(130, n, seed=21)
+    g = _gen(22)
+    wq = torch.randint(-8, 8, (out, m), generator=g, dtype=torch.int8)
+    wscale = torch.rand(out, 1, generator=g) * 0.01 + 1e-3
+    prepared = ops.prepare_weights(quant.pack_int4(wq), wscale, rotation=rotation, act_dtype=torch.float32)
+    tok = pool[3:4]
+    for bits in (4, 8):
+        alone = hq.hadamard_quant(tok, m, k, 1, bits)
+        for t, tokens in [(1, None), (7, 2), (64, None), (64, 4), (130, 3)]:
+            batch = pool[:t].clone()
+            batch[min(3, t - 1)] = tok[0]
+            i = min(3, t - 1)
+            got = hq.hadamard_quant(batch, m, k, 1, bits, tokens_per_program=tokens)
+            for a, b in zip(alone, got):
+                assert torch.equal(a[0], b[i])
+        # the GEMM: integer-exact, then (acc · s_w) · s_x: the same row whatever the tile / split
+        codes, scale, sums = alone
+        ws = prepared["weight_sums"]
+        ref = None
+        for cfg in [None, dict(BM=16, BN=32, BK=64, split_k=4), dict(BM=64, BN=64, BK=128, split_k=1),
+                    dict(BM=32, BN=16, BK=256, split_k=2)]:
+            big_c, big_s, big_sum = (torch.cat([c.expand(*((40,) + c.shape[1:])), hq.hadamard_quant(pool[:24], m, k, 1, bits)[j]])
+                                     for j, c in enumerate((codes, scale, sums)))
+            if bits == 8:
+                y1 = gm.w4a8_gemm(codes, scale, sums, prepared["weight"], wscale, 0, torch.float32, config=cfg)
+                yb = gm.w4a8_gemm(big_c, big_s, big_sum, prepared["weight"], wscale, 0, torch.float32, config=cfg)
+            else:
+                y1 = gm.w4a4_gemm(codes, scale, sums, prepared["weight"], ws, wscale, 0, torch.float32, config=cfg)
+                yb = gm.w4a4_gemm(big_c, big_s, big_sum, prepared["weight"], ws, wscale, 0, torch.float32, config=cfg)
+            assert torch.equal(y1[0], yb[0]) and torch.equal(y1[0], yb[39])
+            ref = y1 if ref is None else ref
+            assert torch.equal(y1, ref)
+        # and it is the integer-exact formulation: (float32(Σ codes) · s_w) · s_x
+        acc = (_unpacked(codes, bits).double() @ wq.double().t()).float()
+        assert torch.equal(ref, (acc * wscale.reshape(1, -1)) * scale)
+
+
+def test_bf16_three_way_split_is_exact():
+    """The compiled rotation's second product: u = hi + mid + lo in bf16 exactly, so three bf16
+    MMAs against a ±1 matrix give the fp32 products exactly (the interpreter runs fp32 instead)."""
+    u = torch.randn(4096, generator=_gen(5)) * torch.logspace(-20, 20, 4096)
+    hi = u.to(torch.bfloat16)
+    rem = u - hi.float()
+    mid = rem.to(torch.bfloat16)
+    lo = (rem - mid.float()).to(torch.bfloat16)
+    assert torch.equal(hi.double() + mid.double() + lo.double(), u.double())
+
+
 def test_linear_refuses_w4a16():
     with pytest.raises(NotImplementedError, match="Machete"):
         ops.qexpand_linear_gpu(torch.zeros(1, 8), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1), act_bits=None)
@@ -305,13 +406,62 @@ def test_import_without_triton():
     assert "refused" in res.stdout
 
 
-def test_compiles_for_sm90_without_a_gpu():
-    """Ahead-of-time compile (Triton + bundled ptxas) of the GPU-only paths: inline PTX, wgmma, tf32x3, smem."""
+def test_static_report_compiles_like_the_jit(tmp_path):
+    """The static SASS report (quick subset) without a GPU: the dispatch's own launches compiled for
+    sm_90a with the JIT's specialization, the issue-13 schema, and targets judged from the counts."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-W", "ignore", "-m", "vllm_qexpand.kernels.aot", "--arch", "90", "--quick"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = tmp_path / "sass.json"
+    cmd = [sys.executable, "-W", "ignore", "-m", "vllm_qexpand.kernels.aot", "--quick", "--report", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "3/3 configurations compiled within limits" in res.stdout
+    doc = json.loads(out.read_text())
+    assert doc["target"] == "sm_90a" and doc["triton"] and doc["date"]
+    gemm = [r for r in doc["rows"] if r["kernel"] == "w4a4_gemm"]
+    had = [r for r in doc["rows"] if r["kernel"] == "hadamard_quant"]
+    assert gemm and had
+    for r in doc["rows"]:
+        assert {"kernel", "shape", "M", "N", "K", "config", "regs", "spill_bytes", "wgmma", "predicted_ratio",
+                "baseline"} <= set(r)
+        assert r["regs"] > 0 and r["spill_bytes"] >= 0 and r["predicted_ratio"] > 0 and r["prediction"]
+    large = next(r for r in gemm if r["M"] == 4096)
+    decode = next(r for r in gemm if r["M"] == 1)
+    # with the JIT's divisibility hints the loads become cp.async (LDGSTS), the int8 dot is wgmma
+    assert large["wgmma"] and large["async_copies"] > 0 and large["config"]["BM"] == 128
+    assert not decode["wgmma"] and decode["config"]["split_k"] > 1  # M = 1: mma.sync tile, split-K
+    for r in (large, decode):
+        assert r["baseline"] == "bf16" and 0 < r["instr_per_iter"] == sum(r["loop_mix"].values())
+        assert r["prmt_per_iter"] == r["loop_mix"].get("PRMT", 0) == 0  # nibble planes: nothing to permute
+    assert had[0]["baseline"] == "memcpy" and had[0]["instr_per_token"] > 0
+    assert set(had[0]["stores"]) <= {"STG.E", "STG.E.64", "STG.E.128"}  # no byte stores
+    for key, s in doc["summary"].items():
+        if key.startswith("hadamard"):
+            assert s["target_met"] == (s["instr_per_token"] <= 1000 and s["spill_bytes"] == 0)
+        else:
+            assert s["target_met"] == (s["instr_per_iter"] <= s["limit"] and s["prmt_per_iter"] == 0 and s["spill_bytes"] == 0)
+            assert s["limit"] == (110 if "16x" in key else 90)
+
+
+def test_sass_loop_analysis():
+    """The MMA loop is the innermost backward branch holding an MMA; the token loop the outermost."""
+    from vllm_qexpand.kernels import aot
+
+    text = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R2.64] ;
+        /*0020*/                   PRMT R3, R2, 0x7604, R3 ;
+        /*0030*/                   IGMMA.64x128x32.S8.S8 R24, R88, gdesc[UR4], R24, gsb0 ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0050*/               @!P5 BRA 0x20 ;
+        /*0060*/                   LOP3.LUT R4, R4, 0xf, RZ, 0xc0, !PT ;
+        /*0070*/               @P0 BRA 0x10 ;
+        /*0080*/                   EXIT ;
+    """
+    ins = [aot.Instr(int(m.group(1), 16), m.group(2), m.group(0)) for m in aot._LINE.finditer(text)]
+    body = aot.mma_loop(ins)
+    assert [i.op for i in body] == ["PRMT", "IGMMA.64x128x32.S8.S8", "WARPGROUP.DEPBAR.LE", "BRA"]
+    assert len(aot.outer_loop(ins)) == 7
+    assert aot.mma_ops(body[1]) == (("GMMA", "S8"), 2 * 64 * 128 * 32 // 4)
+    assert aot.issue_cycles(body, 4) == (2 + 1 + 1 + 1) * 4 / 4  # PRMT issues at half rate
 
 
 # ----------------------------------------------------------------------------- benchmark script

@@ -332,8 +332,8 @@ def predict_gemm(c: Compiled, launch, m: int, n: int, k: int, packed: bool, n_la
 
 def predict_hadamard(c: Compiled, launch, n: int, size: int, bits: int, t: int, body: list[Instr]) -> tuple[float, str]:
     """Issue-rate / bandwidth estimate of memcpy time / kernel time at ``t`` tokens."""
-    _, grid, _, kw = launch
-    tokens = kw["TOKENS"]
+    _, grid, args, kw = launch
+    tokens = args[8]  # TOK: tokens per program (a runtime argument)
     issue = issue_cycles(body, c.num_warps)
     tensor = tensor_cycles(body, c.num_warps)
     per_sm = _ctas_per_sm(c)
@@ -395,7 +395,8 @@ def hadamard_row(n: int, size: int, bits: int, arch: int = 90, log=print) -> dic
     ratio, why = predict_hadamard(c, launch, n, size, bits, HADAMARD_T, body)
     row = {
         "kernel": "hadamard_quant", "shape": f"{n}->{size} k={k} bits={bits}", "M": HADAMARD_T, "N": n, "K": size,
-        "config": {key: kw[key] for key in ("ROWS", "PB", "RC", "TOKENS", "BITS", "num_warps") if key in kw},
+        "config": {**{key: kw[key] for key in ("ROWS", "PB", "RC", "BITS", "SPLIT3", "WIDE", "num_warps") if key in kw},
+                   "tokens_per_program": launch[2][8]},
         "regs": c.regs, "spill_bytes": c.spill_bytes, "smem": c.smem, "wgmma": c.wgmma, "mma_sync": c.mma_sync,
         "async_copies": c.async_copies, "tma": c.tma,
         "instr_per_token": per_token // body_tokens, "warp_instr_per_token": per_token // body_tokens * c.num_warps,

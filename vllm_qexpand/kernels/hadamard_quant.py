@@ -66,8 +66,9 @@ def hadamard_quant_reference(
     q, scale = quant.quantize_activation(y, bits, amax=amax)
     sums = q.sum(dim=-1).to(torch.int32)
     codes = q.to(torch.int8)
-    if bits == 4:
-        codes = quant.pack_int4(codes).view(torch.uint8)
+    if bits == 4:  # = quant.pack_int4(codes).view(torch.uint8), computed on x's device
+        u = (codes.to(torch.int16) + 8).reshape(codes.shape[0], -1, 2)
+        codes = (u[..., 0] | (u[..., 1] << 4)).to(torch.uint8)
     return codes, scale, sums
 
 
@@ -142,16 +143,18 @@ def _operands_cpu(size: int, k: int, blocks: int) -> tuple[torch.Tensor, torch.T
 def hadamard_operands(
     size: int, k: int, blocks: int = 1, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ±1 matrices (hrow float32 [ROWS, ROWS], hcol [PB, PB]) for a rotation.
+    """The ±1 matrices (hrow [ROWS, ROWS], hcol [PB, PB]) for a rotation.
 
-    ``dtype`` is the activation dtype: hcol is built in it (bf16/fp16 hold ±1 exactly), so
-    the first matmul runs on the raw input. Build once per layer (e.g. in
+    ``dtype`` is the activation dtype: for bf16/fp16 (compiled kernels) hcol is built in it
+    (±1 is exact), so the first matmul runs on the raw input, and hrow in bf16; otherwise (and
+    in the interpreter) both are float32. Build once per layer (e.g. in
     ``process_weights_after_loading``), not inside CUDA-graph capture.
     """
     hrow, hcol = _operands_cpu(size, k, blocks)
     if dtype not in (torch.float16, torch.bfloat16) or interpreting():
-        dtype = torch.float32  # the interpreter's bf16 dot is not usable
-    return hrow.to(device), hcol.to(device=device, dtype=dtype)
+        return hrow.to(device), hcol.to(device)  # the interpreter's bf16 dot is not usable
+    # bf16 hrow: the second product runs as three exact bf16 MMAs (see the kernel)
+    return hrow.to(device=device, dtype=torch.bfloat16), hcol.to(device=device, dtype=dtype)
 
 
 def output_shapes(t: int, size: int, bits: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int]]:
@@ -164,6 +167,7 @@ def output_shapes(t: int, size: int, bits: int) -> tuple[tuple[int, int], tuple[
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     @triton.jit
     def _rint(x):
@@ -171,13 +175,31 @@ if HAS_TRITON:
         return (x + 12582912.0) - 12582912.0
 
     @triton.jit
+    def _pack_words(qi, ROWS: tl.constexpr, PB: tl.constexpr, BITS: tl.constexpr):
+        """int32 codes [ROWS, PB] -> int32 words [ROWS, PB*BITS/32]: 4 bytes (bits 8) or 8 value+8
+        nibbles (bits 4) per word, the first element in the lowest bits (little-endian bytes)."""
+        if BITS == 8:
+            b = qi & 0xFF
+            e, o = tl.split(tl.reshape(b, (ROWS, PB // 4, 2, 2)))
+            lo, hi = tl.split(e | (o << 8))
+            return lo | (hi << 16)
+        else:
+            b = qi + 8
+            e, o = tl.split(tl.reshape(b, (ROWS, PB // 8, 2, 2, 2)))
+            e, o = tl.split(e | (o << 4))
+            lo, hi = tl.split(e | (o << 8))
+            return lo | (hi << 16)
+
+    @triton.jit(do_not_specialize=["TOK"])
     def _hadamard_quant_kernel(
-        x_ptr, hrow_ptr, hcol_ptr, q_ptr, scale_ptr, sum_ptr,
-        T, N_BLK, M_BLK, stride_x, stride_q, inv_sqrt,
+        x_ptr, hrow_ptr, hcol_ptr, q_ptr, scale_ptr, sum_ptr, amax_ptr,
+        T, TOK, N_BLK, M_BLK, stride_x, stride_q, inv_sqrt,
         NB: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, P2: tl.constexpr, PB: tl.constexpr,
         ROWS: tl.constexpr, RC: tl.constexpr, ROTATE: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
-        BITS: tl.constexpr, TOKENS: tl.constexpr,
+        SPLIT3: tl.constexpr, BITS: tl.constexpr, WIDE: tl.constexpr, AMAX_MODE: tl.constexpr, FAST: tl.constexpr,
     ):
+        # AMAX_MODE 0: quantize with the token's own max; 1: only write that max to amax_ptr (the
+        # first pass at TP > 1); 2: quantize with amax_ptr's value (the max over the ranks)
         QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
         i = tl.arange(0, ROWS)[:, None]
         j = tl.arange(0, PB)[None, :]
@@ -189,7 +211,14 @@ if HAS_TRITON:
         out_mask = live & (f < M_BLK)
         src = blk * N_BLK + f
         dst = blk * M_BLK + f
-        if BITS == 4:
+        if WIDE:  # 32-bit stores: PB * BITS / 32 words per tile row
+            WPR: tl.constexpr = PB * BITS // 32
+            jw = tl.arange(0, WPR)[None, :]
+            EPW: tl.constexpr = 32 // BITS  # elements per word
+            dstw = (blk * M_BLK + r * P2 + jw * EPW) // EPW
+            maskw = (blk < NB) & (r < R) & (jw * EPW < P2) & (r * P2 + jw * EPW < M_BLK)
+            qw_ptr = q_ptr.to(tl.pointer_type(tl.int32))
+        elif BITS == 4:
             j2 = tl.arange(0, PB // 2)[None, :]
             f2 = r * P2 + 2 * j2
             out_mask2 = (blk < NB) & (r < R) & (j2 < P2 // 2) & (f2 < M_BLK)
@@ -198,10 +227,11 @@ if HAS_TRITON:
             c = tl.load(hcol_ptr + tl.arange(0, PB)[:, None] * PB + j)
             rc = tl.arange(0, RC)[:, None]
             rc_cols = tl.arange(0, RC)[None, :]
-        for tt in range(TOKENS):
-            t = tl.program_id(0) * TOKENS + tt
-            ok = t < T
-            ok2 = (i * 0 + t) < T  # block-shaped: the interpreter mis-types scalar & block masks
+        t0 = tl.program_id(0) * TOK
+        # a runtime trip count: every token runs the same code whatever T and TOK are, so its
+        # codes do not depend on the batch it came in (issue 17)
+        for tt in range(0, tl.minimum(TOK, T - t0)):
+            t = t0 + tt
             t64 = t.to(tl.int64)
             if ROTATE:
                 # y = A · (V · C), the second product split over RC-row chunks of V so that
@@ -213,31 +243,61 @@ if HAS_TRITON:
                         blk_c = ic // RB
                         r_c = ic % RB
                         f_c = r_c * P2 + j
-                        m_c = (blk_c < NB) & (r_c < R) & (j < P2) & (f_c < N_BLK) & ((rc * 0 + t) < T)
+                        m_c = (blk_c < NB) & (r_c < R) & (j < P2) & (f_c < N_BLK)
                         v = tl.load(x_ptr + t64 * stride_x + blk_c * N_BLK + f_c, mask=m_c, other=0.0)
+                        a = tl.load(hrow_ptr + i * ROWS + c0 + rc_cols)
                         if DOT_F32:
                             u = tl.dot(v.to(tl.float32), c, input_precision=PREC)
+                            y = tl.dot(a, u, y, input_precision=PREC)
                         else:
-                            u = tl.dot(v, c)
-                        a = tl.load(hrow_ptr + i * ROWS + c0 + rc_cols)
-                        y = tl.dot(a, u, y, input_precision=PREC)
-                y = y * inv_sqrt
+                            u = tl.dot(v, c)  # ±1 x bf16/fp16: exact products, fp32 sums
+                            if SPLIT3:
+                                # u = hi + mid + lo exactly (3 x 8 significant bits = fp32's 24), each
+                                # times the ±1 row exactly in a bf16 MMA
+                                u_hi = u.to(tl.bfloat16)
+                                rem = u - u_hi.to(tl.float32)
+                                u_mid = rem.to(tl.bfloat16)
+                                u_lo = (rem - u_mid.to(tl.float32)).to(tl.bfloat16)
+                                y = tl.dot(a, u_hi, y)
+                                y = tl.dot(a, u_mid, y)
+                                y = tl.dot(a, u_lo, y)
+                            else:
+                                y = tl.dot(a, u, y, input_precision=PREC)
+                # y is the unnormalised transform: max|y / sqrt(m)| = max|y| * (1 / sqrt(m)) exactly
+                # (rounding is monotone), and 1 / sqrt(m) is folded into the per-token reciprocal
+                norm = inv_sqrt
             else:
-                v = tl.load(x_ptr + t64 * stride_x + src, mask=in_mask & ok2, other=0.0)
+                v = tl.load(x_ptr + t64 * stride_x + src, mask=in_mask, other=0.0)
                 y = v.to(tl.float32)
-            amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
-            scale = tl.math.div_rn(amax, amax * 0.0 + QMAX)
-            scale = tl.where(scale > 0.0, scale, 1.0)
-            q = _rint(tl.math.div_rn(y, scale + tl.zeros_like(y)))
-            q = tl.minimum(tl.maximum(q, -QMAX - 1.0), 1.0 * QMAX)
-            qi = tl.where(out_mask, q.to(tl.int32), 0)
-            tl.store(scale_ptr + t, scale, mask=ok)
-            tl.store(sum_ptr + t, tl.sum(tl.sum(qi, axis=1), axis=0), mask=ok)
-            if BITS == 8:
-                tl.store(q_ptr + t64 * stride_q + dst, qi.to(tl.int8), mask=out_mask & ok2)
+                norm = 1.0
+            amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * norm
+            if AMAX_MODE == 1:
+                tl.store(amax_ptr + t, amax)
             else:
-                lo, hi = tl.split(tl.reshape(qi + 8, (ROWS, PB // 2, 2)))
-                tl.store(q_ptr + t64 * stride_q + dst2, (lo | (hi << 4)).to(tl.uint8), mask=out_mask2 & ok2)
+                if AMAX_MODE == 2:
+                    amax = tl.load(amax_ptr + t)
+                scale = tl.math.div_rn(amax, amax * 0.0 + QMAX)
+                scale = tl.where(scale > 0.0, scale, 1.0)
+                inv = tl.math.div_rn(scale * 0.0 + 1.0, scale) * norm  # one reciprocal per token
+                if FAST:  # cvt.rni: round half to even straight to int32 (one instruction)
+                    qi = libdevice.float2int_rn(y * inv)
+                else:  # the interpreter has no libdevice
+                    qi = _rint(y * inv).to(tl.int32)
+                if AMAX_MODE == 2:
+                    # |y| <= own max <= the given max keeps |y·inv| <= QMAX (+ rounding), so only a
+                    # given max needs the clamp (a smaller one must not overflow the nibbles)
+                    qi = tl.minimum(tl.maximum(qi, -QMAX - 1), QMAX)
+                qi = tl.where(out_mask, qi, 0)
+                tl.store(scale_ptr + t, scale)
+                tl.store(sum_ptr + t, tl.sum(tl.sum(qi, axis=1), axis=0))
+                if WIDE:
+                    tl.store(qw_ptr + (t64 * stride_q) // 4 + dstw,
+                             _pack_words(qi, ROWS, PB, BITS), mask=maskw)
+                elif BITS == 8:
+                    tl.store(q_ptr + t64 * stride_q + dst, qi.to(tl.int8), mask=out_mask)
+                else:
+                    lo, hi = tl.split(tl.reshape(qi + 8, (ROWS, PB // 2, 2)))
+                    tl.store(q_ptr + t64 * stride_q + dst2, (lo | (hi << 4)).to(tl.uint8), mask=out_mask2)
 
 
 def _tokens_per_program(t: int) -> int:
@@ -260,8 +320,10 @@ def plan_launch(
     *,
     tokens_per_program: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """((codes, scale, sums), [(kernel, grid, args, kwargs)]): what :func:`hadamard_quant` launches.
+    amax: torch.Tensor | None = None,
+    amax_only: bool = False,
+):
+    """((codes, scale, sums) or (amax,), [(kernel, grid, args, kwargs)]): what :func:`hadamard_quant` launches.
 
     The one place that chooses the configuration; ``kernels/aot.py`` compiles these launches
     (meta tensors work: nothing is read here).
@@ -280,35 +342,53 @@ def plan_launch(
         raise ValueError(f"input width {n} does not fit size {size} in {blocks} blocks")
     if bits == 4 and (pl.p2 % 2 or size % 2):
         raise ValueError(f"int4 packing needs an even tile width; size {size}, k {k} gives {pl.p2}")
+    split3 = False
     if pl.rotate:
         if hrow is None or hcol is None:
             hrow, hcol = hadamard_operands(size, k, blocks, x.dtype, x.device)
-        hrow = hrow.float()
         if hcol.dtype != torch.float32 and (hcol.dtype != x.dtype or interpreting()):
             hcol = hcol.float()
+        split3 = hcol.dtype != torch.float32 and hrow.dtype == torch.bfloat16
+        if not split3:
+            hrow = hrow.float()
     else:
         hrow = hcol = x  # unused by the kernel
     shapes = output_shapes(t, size, bits)
-    if out is None:
+    if amax_only:
+        outs = (torch.empty(shapes[1], dtype=torch.float32, device=x.device),)
+        codes, scale, sums = x, outs[0], outs[0]  # unused by the kernel in this mode
+    elif out is None:
         codes = torch.empty(shapes[0], dtype=torch.int8 if bits == 8 else torch.uint8, device=x.device)
         scale = torch.empty(shapes[1], dtype=torch.float32, device=x.device)
         sums = torch.empty(shapes[2], dtype=torch.int32, device=x.device)
+        outs = (codes, scale, sums)
     else:
-        codes, scale, sums = out
+        codes, scale, sums = outs = out
+    if amax is not None:
+        amax = amax.to(torch.float32).reshape(-1).contiguous()
+        if amax.numel() != t:
+            raise ValueError(f"amax must have one entry per token ({t}), got {amax.numel()}")
     if t == 0:
-        return (codes, scale, sums), []
+        return outs, []
+    mode = 1 if amax_only else 2 if amax is not None else 0
+    amax_arg = outs[0] if amax_only else amax if amax is not None else scale
+    # 32-bit stores when every word lies inside one tile row and rows start on 4-byte bounds
+    epw = 32 // bits
+    wide = (not amax_only and pl.p2 % epw == 0 and (size // blocks) % epw == 0 and codes.stride(0) % 4 == 0
+            and pl.pb % epw == 0)
     tokens = tokens_per_program or _tokens_per_program(t)
     launch = (
         _hadamard_quant_kernel, (triton.cdiv(t, tokens),),
-        (x, hrow, hcol, codes, scale, sums,
-         t, n // blocks, size // blocks, x.stride(0), codes.stride(0), float(1.0 / math.sqrt(size // blocks))),
+        (x, hrow, hcol, codes, scale, sums, amax_arg,
+         t, tokens, n // blocks, size // blocks, x.stride(0), codes.stride(0), float(1.0 / math.sqrt(size // blocks))),
         dict(NB=pl.blocks, R=pl.r, RB=pl.rb, P2=pl.p2, PB=pl.pb, ROWS=pl.rows, RC=min(pl.rows, 32),
              ROTATE=pl.rotate, DOT_F32=hcol.dtype == torch.float32,
-             PREC="ieee" if interpreting() else "tf32x3",
-             BITS=bits, TOKENS=tokens, num_warps=_num_warps(pl),
+             PREC="ieee" if interpreting() else "tf32x3", SPLIT3=split3,
+             BITS=bits, WIDE=wide, AMAX_MODE=mode, FAST=not interpreting() and torch.version.hip is None,
+             num_warps=_num_warps(pl),
              num_stages=1),  # pipelining the token loop multi-buffers the chunks: > 228 KiB smem at K = 140
     )
-    return (codes, scale, sums), [launch]
+    return outs, [launch]
 
 
 def hadamard_quant(
@@ -322,14 +402,34 @@ def hadamard_quant(
     *,
     tokens_per_program: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launch: x [T, N] -> (codes, scale float32 [T, 1], sums int32 [T]); see module doc.
 
     ``k = 0``: quantize only (pad to ``size``). ``hrow``/``hcol`` default to
     :func:`hadamard_operands` (cached per rotation; pass them explicitly on hot paths).
-    ``out`` are preallocated outputs (every element is written).
+    ``out`` are preallocated outputs (every element is written). ``amax`` (float32 [T, 1]):
+    quantize with this per-token max|y| instead of the token's own (tensor parallelism: the max
+    over the ranks, from :func:`hadamard_absmax` on each rank).
     """
-    outs, launches = plan_launch(x, size, k, blocks, bits, hrow, hcol, tokens_per_program=tokens_per_program, out=out)
+    outs, launches = plan_launch(x, size, k, blocks, bits, hrow, hcol, tokens_per_program=tokens_per_program,
+                                 out=out, amax=amax)
     for kernel, grid, args, kwargs in launches:
         kernel[grid](*args, **kwargs)
     return outs
+
+
+def hadamard_absmax(
+    x: torch.Tensor, size: int, k: int, blocks: int = 1, hrow: torch.Tensor | None = None,
+    hcol: torch.Tensor | None = None, *, tokens_per_program: int | None = None,
+) -> torch.Tensor:
+    """Per-token max|T_M(pad(x))| (float32 [T, 1]) computed as :func:`hadamard_quant` computes it.
+
+    The first pass at tensor parallelism > 1: all-gather + max it across the ranks, then pass
+    the result as ``hadamard_quant(..., amax=...)`` (same rotation, recomputed, same bits).
+    """
+    outs, launches = plan_launch(x, size, k, blocks, 8, hrow, hcol, tokens_per_program=tokens_per_program,
+                                 amax_only=True)
+    for kernel, grid, args, kwargs in launches:
+        kernel[grid](*args, **kwargs)
+    return outs[0]

@@ -5,6 +5,10 @@ depend on any vLLM version; each has a fake impl for torch.compile / CUDA-graph 
 
 - ``qexpand::hadamard_quant(Tensor x, Tensor hrow, Tensor hcol, int size, int k, int blocks,
   int bits) -> (Tensor codes, Tensor scale, Tensor sums)``
+- ``qexpand::hadamard_absmax(Tensor x, Tensor hrow, Tensor hcol, int size, int k, int blocks)
+  -> Tensor amax`` and ``qexpand::hadamard_quant_amax(Tensor x, Tensor hrow, Tensor hcol,
+  Tensor amax, int size, int k, int blocks, int bits) -> (codes, scale, sums)``: the two passes
+  at tensor parallelism > 1 (the per-token max is reduced across ranks in between)
 - ``qexpand::w4a8_gemm(Tensor a, Tensor a_scale, Tensor a_sum, Tensor weight,
   Tensor weight_scale, int group_size, ScalarType out_dtype, Tensor? bias) -> Tensor``
 - ``qexpand::w4a4_gemm(Tensor a, Tensor a_scale, Tensor a_sum, Tensor weight,
@@ -22,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import HAS_TRITON, interpreting
-from .hadamard_quant import hadamard_operands, hadamard_quant_reference, output_shapes
+from .hadamard_quant import hadamard_operands, output_shapes
 from .w4a8_gemm import repack_for_kernel, weight_code_sums
 
 OPS_REGISTERED = False
@@ -94,9 +98,9 @@ def qexpand_linear_gpu(
 
     ``amax_reduce`` (row-parallel layers at tensor parallelism > 1): maps this rank's
     per-token max|x'| [T, 1] to the whole token's (an all-gather + max across ranks). The
-    fused kernel computes the scale from its own slice, so with ``amax_reduce`` the rotation
-    and quantization run as plain torch ops (:func:`hadamard_quant_reference`, same codes) and
-    only the GEMM is a Triton kernel.
+    fused kernel then runs twice: ``qexpand::hadamard_absmax`` (rotation, per-token max only),
+    ``amax_reduce``, and ``qexpand::hadamard_quant_amax`` (rotation again, quantized with the
+    reduced max). Every step stays on x's device and is CUDA-graph capturable.
     """
     if act_bits not in (4, 8):
         raise NotImplementedError(
@@ -120,8 +124,10 @@ def qexpand_linear_gpu(
     x2 = x.reshape(-1, x.shape[-1])
     if amax_reduce is None:
         codes, scale, sums = torch.ops.qexpand.hadamard_quant(x2, hrow, hcol, size, k, blocks, act_bits)
-    else:
-        codes, scale, sums = hadamard_quant_reference(x2, size, k, blocks, act_bits, amax_reduce)
+    else:  # two passes of the fused kernel around the cross-rank max (the rotation is recomputed)
+        local = torch.ops.qexpand.hadamard_absmax(x2, hrow, hcol, size, k, blocks)
+        amax = amax_reduce(local)
+        codes, scale, sums = torch.ops.qexpand.hadamard_quant_amax(x2, hrow, hcol, amax, size, k, blocks, act_bits)
     if act_bits == 8:
         y = torch.ops.qexpand.w4a8_gemm(codes, scale, sums, weight, weight_scale, group_size, x.dtype, bias)
     else:
@@ -143,6 +149,32 @@ def _register() -> None:
 
     @hadamard_quant.register_fake
     def _(x, hrow, hcol, size, k, blocks, bits):
+        codes, scale, sums = output_shapes(x.shape[0], size, bits)
+        return (
+            x.new_empty(codes, dtype=torch.int8 if bits == 8 else torch.uint8),
+            x.new_empty(scale, dtype=torch.float32),
+            x.new_empty(sums, dtype=torch.int32),
+        )
+
+    @torch.library.custom_op("qexpand::hadamard_absmax", mutates_args=(), device_types=devices)
+    def hadamard_absmax(
+        x: torch.Tensor, hrow: torch.Tensor, hcol: torch.Tensor, size: int, k: int, blocks: int
+    ) -> torch.Tensor:
+        return hq.hadamard_absmax(x, size, k, blocks, hrow if k else None, hcol if k else None)
+
+    @hadamard_absmax.register_fake
+    def _(x, hrow, hcol, size, k, blocks):
+        return x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+    @torch.library.custom_op("qexpand::hadamard_quant_amax", mutates_args=(), device_types=devices)
+    def hadamard_quant_amax(
+        x: torch.Tensor, hrow: torch.Tensor, hcol: torch.Tensor, amax: torch.Tensor, size: int, k: int, blocks: int,
+        bits: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None, amax=amax)
+
+    @hadamard_quant_amax.register_fake
+    def _(x, hrow, hcol, amax, size, k, blocks, bits):
         codes, scale, sums = output_shapes(x.shape[0], size, bits)
         return (
             x.new_empty(codes, dtype=torch.int8 if bits == 8 else torch.uint8),
