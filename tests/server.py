@@ -21,19 +21,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def openai_server(path, log: Path, *args: str):
+def openai_server(path, log: Path, *args: str, eager: bool = True, env: dict | None = None):
     """Serve `path` (float32, eager, 16 sequences, 64 MiB KV cache, seed 0, plus `args`), output to `log`.
 
-    Yields (base URL, process) once /health answers; fails the test with the log's tail if the
-    server exits or is not healthy within START_TIMEOUT_S. Stops it on exit: SIGINT (vLLM shuts its
-    engine processes down), then SIGKILL to its own process group after 60 s.
+    `eager=False` leaves out --enforce-eager (vLLM's default compile mode); `env` is added to the
+    server's environment. Yields (base URL, process) once /health answers; fails the test with the
+    log's tail if the server exits or is not healthy within START_TIMEOUT_S. Stops it on exit: SIGINT
+    (vLLM shuts its engine processes down), then SIGKILL to its own process group after 60 s.
     """
     port = free_port()
     cmd = [sys.executable, "-m", "vllm_qexpand.serve", str(path), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(64 << 20),
-           "--seed", "0", *args]  # fmt: skip
+           "--dtype", "float32", *(["--enforce-eager"] if eager else []), "--max-num-seqs", "16",
+           "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0", *args]  # fmt: skip
     fh = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=None if env is None else {**os.environ, **env})  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
