@@ -494,7 +494,12 @@ def test_benchmark_code_paths_on_cpu():
     meta = {"_model": "tiny", "_layer": "down", "_N_in": 48}
     rows = [{"kernel": kn, "M": 3, "N": 32, "K": 64, "baseline": "cublas_bf16", **meta} for kn in ("w4a4", "linear_w4a8")]
     rows.append({"kernel": "hadamard_quant4", "M": 3, "N": 48, "K": 64, "baseline": "memcpy", **meta})
-    res = bk.run(rows, log=lambda *_: None, device="cpu", bench=lambda fn: (fn(), 2.0)[1])
+    # weights (or, for hadamard_quant, inputs) cycled over >= 256 MB of copies, baselines too
+    assert bk.n_copies(32 * 64 // 2) == 64 and bk.n_copies(2**30) == 1 and bk.n_copies(8 * 2**20) == 32
+    bk.MAX_COPIES = 3  # tiny shapes would take 64 copies: keep the interpreter's work small
+    calls = []
+    res = bk.run(rows, log=lambda *_: None, device="cpu", bench=lambda fns: (calls.append(len(fns)), [f() for f in fns], 2.0)[2])
+    assert calls == [3] * 6  # bf16, w4a4; bf16 of the N_in linear, linear_w4a8; hadamard_quant4, memcpy
     assert [r["kernel"] for r in res] == ["w4a4", "linear_w4a8", "hadamard_quant4"]
     assert set(res[0]) == {"kernel", "M", "N", "K", "ms", "baseline", "baseline_ms", "ratio"}
 
@@ -533,3 +538,18 @@ def test_gpu_w4_gemm(t, bits, fast):
         y = gm.w4a4_gemm(ap, dev(ascale), dev(asum), w, gm.weight_code_sums(dev(wpacked)), dev(wscale), 0, torch.float32, dev(bias), config={"fast": fast})
     assert (y.cpu().double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
+
+
+def test_first_gpu_run_script_on_cpu(tmp_path, capsys):
+    """The one-command first GPU run: all issue-13 steps present; refuses cleanly without CUDA."""
+    spec = importlib.util.spec_from_file_location("qexpand_first_gpu_run", ROOT / "benchmarks" / "first_gpu_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert [s for s, _ in mod.STEPS] == ["env", "hadamard_quant", "batch_invariance", "gemm", "tp_amax", "capture",
+                                         "jit", "ratios"]
+    assert {m for _, m in mod.HADAMARD_SIZES} == {576, 1536, 4096, 8192, 14336, 8960, 10240, 15360, 17920}
+    ref = torch.tensor([[0, 1, -2, 3]], dtype=torch.int8)
+    assert mod._codes_agree(ref, ref, 8)["ok"] and not mod._codes_agree(ref + 2, ref, 8)["ok"]
+    if not torch.cuda.is_available():
+        assert mod.main(["--out", str(tmp_path / "x.json")]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
