@@ -185,9 +185,9 @@ if HAS_TRITON:
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
     @triton.jit
-    def _k_step(acc, a_rows, w_rows, k0, K, KH, A_PACKED: tl.constexpr, SIGNED: tl.constexpr, EVEN_K: tl.constexpr,
+    def _k_step(acc, a_rows, w_rows, kh, K, KH, A_PACKED: tl.constexpr, SIGNED: tl.constexpr, EVEN_K: tl.constexpr,
                 BK: tl.constexpr, FAST: tl.constexpr):
-        """acc += the [BM, BK] x [BK, BN] product of K tile k0 (int32).
+        """acc += the [BM, BK] x [BK, BN] product of the K tile starting at input 2·kh (int32).
 
         Value+8 codes (SIGNED = False; the epilogue removes the zero points) or signed ones
         (grouped scales). W4A4 multiplies the low nibble planes of A and W, then the high ones:
@@ -196,7 +196,7 @@ if HAS_TRITON:
         Without EVEN_K the K tail is masked with 0 bytes: a weight code of 0 is value+8 = 0, which
         zeroes the product whatever A holds, and A's padding is 0 too (W4A8: a = 0).
         """
-        offs_h = k0 // 2 + tl.arange(0, BK // 2)
+        offs_h = kh + tl.arange(0, BK // 2)  # bytes of a packed row
         if EVEN_K:
             wp = tl.load(w_rows + offs_h[None, :])
         else:
@@ -220,7 +220,7 @@ if HAS_TRITON:
             acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
             acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
         else:
-            offs_k = k0 + tl.arange(0, BK)
+            offs_k = 2 * kh + tl.arange(0, BK)
             if EVEN_K:
                 a = tl.load(a_rows + offs_k[None, :])
             else:
@@ -265,13 +265,14 @@ if HAS_TRITON:
             for g0 in range(0, K, GROUP):
                 gacc = tl.zeros((BM, BN), dtype=tl.int32)
                 for kk in tl.static_range(0, GROUP, BK):
-                    gacc = _k_step(gacc, a_rows, w_rows, g0 + kk, K, KH, A_PACKED, True, True, BK, FAST)
+                    gacc = _k_step(gacc, a_rows, w_rows, (g0 + kk) // 2, K, KH, A_PACKED, True, True, BK, FAST)
                 wsg = tl.load(ws_ptr + (offs_n % N) * stride_ws + g0 // GROUP)
                 acc += gacc.to(tl.float32) * wsg[None, :]
         else:
             acc = tl.zeros((BM, BN), dtype=tl.int32)
-            for k0 in range(k_lo, k_hi, BK):
-                acc = _k_step(acc, a_rows, w_rows, k0, K, KH, A_PACKED, False, EVEN_K, BK, FAST)
+            # the loop runs over bytes of a packed row (K_SLICE and K are even: no signed division inside)
+            for kh in range(k_lo // 2, k_hi // 2, BK // 2):
+                acc = _k_step(acc, a_rows, w_rows, kh, K, KH, A_PACKED, False, EVEN_K, BK, FAST)
 
         mm = offs_m < M
         nm = offs_n < N
