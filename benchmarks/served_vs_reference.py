@@ -12,7 +12,9 @@ token-id prompts). Start the server first::
 
 Writes ``benchmarks/results/served-vs-reference-<date>.json`` (or ``--out``): both results,
 the relative perplexity difference, the largest choice log-likelihood difference and the
-number of items whose prediction differs.
+number of items whose prediction differs; and every served zero-shot choice scored again at each
+``--batch-sizes`` entry (prompts per request, across items), compared choice by choice with the
+run of one request per item (batch invariance).
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--tasks", default="piqa,arc_easy")
     ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--batch-sizes", default="16,1",
+                    help="batch invariance: the served zero-shot choices are scored again with this many prompts per "
+                         "request (across items) and compared, choice by choice, with the run of one request per item")
     ap.add_argument("--serve-cmd", default=None, help="the server's command line, recorded in the result")
     ap.add_argument("--convert-cmd", default=None, help="the conversion's command line, recorded in the result")
     ap.add_argument("--out", type=Path, default=None)
@@ -63,16 +68,17 @@ def main() -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from vllm_qexpand.eval.data import evaluation_text
+    from vllm_qexpand.eval.data import DEFAULT_DELIMITER, evaluation_text, load_task
     from vllm_qexpand.eval.perplexity import perplexity
     from vllm_qexpand.eval.reference import load_model
     from vllm_qexpand.eval.served import ServedScorer
-    from vllm_qexpand.eval.zeroshot import HFScorer, evaluate_tasks
+    from vllm_qexpand.eval.zeroshot import HFScorer, encode_pair, evaluate_tasks
 
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = tok(evaluation_text())["input_ids"]
     tasks = [t for t in args.tasks.split(",") if t]
     date = datetime.date.today().isoformat()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     served = ServedScorer(args.url, args.served_model)
     scorers = {"served": served, "reference": None}
     runs = {}
@@ -87,9 +93,25 @@ def main() -> int:
         print(name, json.dumps({"ppl": ppl["ppl"], **{t: {k: r[k] for k in ("acc", "acc_norm") if k in r}
                                                      for t, r in res.items()}}), flush=True)
 
+    # batch invariance: every choice of every item again, `b` prompts per request (across items), item by item
+    # against the per-item run above (one request per item: its 2-4 choices together)
+    per_item = [ll for t in tasks for it in runs["served"]["tasks"][t]["items"] for ll in it["lls"]]
+    pairs = [encode_pair(tok, it["context"], it.get("delimiter", DEFAULT_DELIMITER) + c)
+             for t in tasks for it in load_task(t, args.limit) for c in it["choices"]]  # fmt: skip
+    batching = {}
+    for b in batch_sizes:
+        t0 = time.perf_counter()
+        lls = [ll for ll, _ in ServedScorer(args.url, args.served_model, max_prompts=b).batch(pairs)]
+        batching[str(b)] = {"choices": len(lls), "equal": sum(a == c for a, c in zip(per_item, lls)),
+                            "max_abs_ll_diff": max(abs(a - c) for a, c in zip(per_item, lls)),
+                            "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"served, {b} prompt(s) per request vs one request per item:", json.dumps(batching[str(b)]), flush=True)
+
     s, r = runs["served"], runs["reference"]
     compare = {"ppl_rel_diff": s["ppl"]["ppl"] / r["ppl"]["ppl"] - 1,
-               "ppl_within_0.5pct": abs(s["ppl"]["ppl"] / r["ppl"]["ppl"] - 1) < 0.005, "tasks": {}}
+               "ppl_within_0.5pct": abs(s["ppl"]["ppl"] / r["ppl"]["ppl"] - 1) < 0.005,
+               "ppl_within_0.01pct": abs(s["ppl"]["ppl"] / r["ppl"]["ppl"] - 1) < 0.0001,
+               "served_batching_vs_per_item": batching, "tasks": {}}
     for t in tasks:
         si, ri = s["tasks"][t].pop("items"), r["tasks"][t].pop("items")
         dll = [abs(a - b) for x, y in zip(si, ri) for a, b in zip(x["lls"], y["lls"])]

@@ -3,8 +3,12 @@
 ``forward``: x -> float32 -> zero-pad + online Hadamard (``quant.online_rotate``, i.e.
 ``hadamard.hadamard_transform``: an FWHT of the 2^p part and the K×K factor, never an
 M×M matrix) -> per-token activation quantization (``quant.quantize_activation``) -> GEMM
--> +bias -> model dtype. This is the reference's math (``quant.qlinear``,
-``eval/reference.py``), computed in float32 whatever the model dtype. Rotation and
+-> +bias -> model dtype. This is the reference's math (``eval/reference.py``: with quantized
+activations ``quant.qlinear_codes``, else ``quant.qlinear``), computed in float32 whatever
+the model dtype. With quantized activations every layout computes the same bits for a token
+whatever the batch: the GEMM sums int4 codes exactly and the scales are applied afterwards,
+(acc · s_w) · s_x (``quant.code_matmul`` / ``quant.apply_scales``; docs/serving.md, "Batch
+invariance"). Rotation and
 quantization are traced by Dynamo (vLLM compiles the model with fullgraph=True and a
 dynamic token dim) and fused by Inductor; the GEMM is one opaque custom op,
 ``torch.ops.qexpand.cpu_gemm``, because its best kernel depends on the token count,
@@ -35,12 +39,13 @@ oneDNN's int8 GEMM pays a fixed ~1 ms per call on this CPU (it packs B every cal
 without VNNI) but then runs ~1.8x faster than fp32; the crossover is at about 64-96
 tokens. So the layout of a w4a4/w4a8 per-channel layer is **both**: the int4 codes as
 int8 in a oneDNN s8s8 GEMM (per-channel weight scales, per-token activation scales,
-exact integer accumulation: y = s_x·s_w·(q_x·q_w)) used for T >= ``INT8_MIN_TOKENS``
-(prefill), and the dequantized float32 weight in a prepacked oneDNN fp32 GEMM used below
-it (decode): 5 bytes/weight instead of fp32's 4. w4a16 (group scales), group-scaled
-w4a4/w4a8 and scheme ``none`` use the dequantized float32 layout only. The whole
-linear computes in float32 for bf16/fp16 models too: on this CPU that is also the
-fastest choice, and it matches the reference exactly.
+exact integer accumulation with unit scales, then (acc · s_w) · s_x) used for
+T >= ``INT8_MIN_TOKENS`` (prefill), and the same codes as float32 in a prepacked oneDNN
+fp32 GEMM used below it (decode; exact, since the sums stay below 2^24): 5 bytes/weight
+instead of fp32's 4, and both give the same bits. Group-scaled w4a4/w4a8 sum each group
+exactly (``torch.bmm``) and combine the groups in order; w4a16 (group scales) and scheme
+``none`` use the dequantized float32 weight. The whole linear computes in float32 for
+bf16/fp16 models too: on this CPU that is also the fastest choice.
 
 ``VLLM_QEXPAND_CPU_LAYOUT`` = auto (default) | dense | int8 | hybrid forces a layout
 (``auto`` = hybrid where possible, else dense); ``VLLM_QEXPAND_INT8_MIN_TOKENS``
