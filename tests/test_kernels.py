@@ -378,10 +378,13 @@ def test_bf16_three_way_split_is_exact():
     """The compiled rotation's second product: u = hi + mid + lo in bf16 exactly, so three bf16
     MMAs against a ±1 matrix give the fp32 products exactly (the interpreter runs fp32 instead)."""
     u = torch.randn(4096, generator=_gen(5)) * torch.logspace(-20, 20, 4096)
-    hi = u.to(torch.bfloat16)
-    rem = u - hi.float()
-    mid = rem.to(torch.bfloat16)
-    lo = (rem - mid.float()).to(torch.bfloat16)
+    trunc = lambda z: (z.view(torch.int32) & -65536).view(torch.float32)  # noqa: E731 - the kernel's mask
+    hi = trunc(u)
+    rem = u - hi
+    mid = trunc(rem)
+    lo = (rem - mid).to(torch.bfloat16)
+    for part in (hi, mid):
+        assert torch.equal(part.to(torch.bfloat16).float(), part)  # already bf16 values
     assert torch.equal(hi.double() + mid.double() + lo.double(), u.double())
 
 

@@ -279,7 +279,7 @@ def gemm_launches(kernel: str, m: int, n: int, k: int, group_size: int = 0, conf
     return launches
 
 
-def hadamard_launch(n: int, size: int, bits: int, t: int = HADAMARD_T):
+def hadamard_launch(n: int, size: int, bits: int, t: int = HADAMARD_T, tile: dict | None = None):
     import torch
 
     from .. import hadamard
@@ -288,7 +288,7 @@ def hadamard_launch(n: int, size: int, bits: int, t: int = HADAMARD_T):
     k = hadamard.factor(size)[0]
     x = _meta((t, n), torch.bfloat16)
     hrow, hcol = hq.hadamard_operands(size, k, 1, torch.bfloat16, "meta")
-    _, launches = hq.plan_launch(x, size, k, 1, bits, hrow, hcol)
+    _, launches = hq.plan_launch(x, size, k, 1, bits, hrow, hcol, tile=tile)
     return k, launches[0]
 
 
@@ -383,8 +383,8 @@ def gemm_row(kernel: str, shape: str, m: int, n: int, k: int, arch: int = 90, lo
     return row
 
 
-def hadamard_row(n: int, size: int, bits: int, arch: int = 90, log=print) -> dict:
-    k, launch = hadamard_launch(n, size, bits)
+def hadamard_row(n: int, size: int, bits: int, arch: int = 90, log=print, tile: dict | None = None) -> dict:
+    k, launch = hadamard_launch(n, size, bits, tile=tile)
     c = compile_launch(launch[0], launch[2], launch[3], arch)
     kw = launch[3]
     body = outer_loop(c.instrs)

@@ -239,12 +239,15 @@ if HAS_TRITON:
                 y = tl.zeros((ROWS, PB), dtype=tl.float32)
                 for c0 in tl.static_range(0, ROWS, RC):
                     if RC > RB or c0 % RB < R:  # skip chunks made only of padding rows
-                        ic = c0 + rc
-                        blk_c = ic // RB
-                        r_c = ic % RB
-                        f_c = r_c * P2 + j
-                        m_c = (blk_c < NB) & (r_c < R) & (j < P2) & (f_c < N_BLK)
-                        v = tl.load(x_ptr + t64 * stride_x + blk_c * N_BLK + f_c, mask=m_c, other=0.0)
+                        if RC == ROWS:  # one chunk: the whole tile (offsets and mask set up once)
+                            v = tl.load(x_ptr + t64 * stride_x + src, mask=in_mask, other=0.0)
+                        else:
+                            ic = c0 + rc
+                            blk_c = ic // RB
+                            r_c = ic % RB
+                            f_c = r_c * P2 + j
+                            m_c = (blk_c < NB) & (r_c < R) & (j < P2) & (f_c < N_BLK)
+                            v = tl.load(x_ptr + t64 * stride_x + blk_c * N_BLK + f_c, mask=m_c, other=0.0)
                         a = tl.load(hrow_ptr + i * ROWS + c0 + rc_cols)
                         if DOT_F32:
                             u = tl.dot(v.to(tl.float32), c, input_precision=PREC)
@@ -252,12 +255,17 @@ if HAS_TRITON:
                         else:
                             u = tl.dot(v, c)  # ±1 x bf16/fp16: exact products, fp32 sums
                             if SPLIT3:
-                                # u = hi + mid + lo exactly (3 x 8 significant bits = fp32's 24), each
-                                # times the ±1 row exactly in a bf16 MMA
-                                u_hi = u.to(tl.bfloat16)
-                                rem = u - u_hi.to(tl.float32)
-                                u_mid = rem.to(tl.bfloat16)
-                                u_lo = (rem - u_mid.to(tl.float32)).to(tl.bfloat16)
+                                # u = hi + mid + lo exactly (3 x 8 significant bits = fp32's 24): hi and
+                                # mid are u and its remainder truncated to their top 16 bits (a bf16
+                                # held in an fp32: a mask, then the bf16 is the high half), both
+                                # subtractions are exact, and lo has <= 8 significant bits left.
+                                # Each part times the ±1 row is exact in a bf16 MMA.
+                                hi32 = (u.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+                                rem = u - hi32
+                                mid32 = (rem.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+                                u_hi = hi32.to(tl.bfloat16)  # exact: already a bf16 value
+                                u_mid = mid32.to(tl.bfloat16)
+                                u_lo = (rem - mid32).to(tl.bfloat16)
                                 y = tl.dot(a, u_hi, y)
                                 y = tl.dot(a, u_mid, y)
                                 y = tl.dot(a, u_lo, y)
@@ -287,7 +295,8 @@ if HAS_TRITON:
                     # |y| <= own max <= the given max keeps |y·inv| <= QMAX (+ rounding), so only a
                     # given max needs the clamp (a smaller one must not overflow the nibbles)
                     qi = tl.minimum(tl.maximum(qi, -QMAX - 1), QMAX)
-                qi = tl.where(out_mask, qi, 0)
+                # no mask needed: padding cells of the tile hold 0 (masked loads, zero-padded hrow /
+                # hcol), so their codes are 0 and add nothing to the sum
                 tl.store(scale_ptr + t, scale)
                 tl.store(sum_ptr + t, tl.sum(tl.sum(qi, axis=1), axis=0))
                 if WIDE:
@@ -304,9 +313,26 @@ def _tokens_per_program(t: int) -> int:
     return 1 if t <= 1024 else 4  # untuned: amortises the matrix loads at prefill sizes
 
 
-def _num_warps(pl: Plan) -> int:
+def _tile(pl: Plan) -> tuple[int, int]:
+    """(RC, num_warps): rows per chunk of the second product and warps, from the static report
+    (benchmarks/kernel_sass.py; fewest SASS instructions per token summed over the warps, no
+    spills). A 128 x 128 tile (14336, 15360, 10240) runs as one chunk on 8 warps: ~9,300-9,800
+    warp-instructions per token where 32-row chunks on 16 warps took ~15,000-18,000. Elsewhere
+    32-row chunks stay better (4096, 8192, 8960) or the only layout without spills (17920)."""
     cells = pl.rows * pl.pb
-    return 4 if cells <= 2048 else 8 if cells <= 8192 else 16
+    if cells <= 2048:
+        return min(pl.rows, 32), 4
+    if pl.rows == 128 and pl.pb == 128:
+        return 128, 8
+    return min(pl.rows, 32), 8 if cells <= 8192 else 16
+
+
+def _num_warps(pl: Plan) -> int:
+    return _tile(pl)[1]
+
+
+def _chunk_rows(pl: Plan) -> int:
+    return _tile(pl)[0]
 
 
 def plan_launch(
@@ -322,8 +348,12 @@ def plan_launch(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     amax: torch.Tensor | None = None,
     amax_only: bool = False,
+    tile: dict | None = None,
 ):
     """((codes, scale, sums) or (amax,), [(kernel, grid, args, kwargs)]): what :func:`hadamard_quant` launches.
+
+    ``tile`` overrides ``RC`` (rows per chunk of the second product) / ``num_warps`` (static
+    report experiments).
 
     The one place that chooses the configuration; ``kernels/aot.py`` compiles these launches
     (meta tensors work: nothing is read here).
@@ -381,11 +411,11 @@ def plan_launch(
         _hadamard_quant_kernel, (triton.cdiv(t, tokens),),
         (x, hrow, hcol, codes, scale, sums, amax_arg,
          t, tokens, n // blocks, size // blocks, x.stride(0), codes.stride(0), float(1.0 / math.sqrt(size // blocks))),
-        dict(NB=pl.blocks, R=pl.r, RB=pl.rb, P2=pl.p2, PB=pl.pb, ROWS=pl.rows, RC=min(pl.rows, 32),
+        dict(NB=pl.blocks, R=pl.r, RB=pl.rb, P2=pl.p2, PB=pl.pb, ROWS=pl.rows, RC=(tile or {}).get("RC", _chunk_rows(pl)),
              ROTATE=pl.rotate, DOT_F32=hcol.dtype == torch.float32,
              PREC="ieee" if interpreting() else "tf32x3", SPLIT3=split3,
              BITS=bits, WIDE=wide, AMAX_MODE=mode, FAST=not interpreting() and torch.version.hip is None,
-             num_warps=_num_warps(pl),
+             num_warps=(tile or {}).get("num_warps", _num_warps(pl)),
              num_stages=1),  # pipelining the token loop multi-buffers the chunks: > 228 KiB smem at K = 140
     )
     return outs, [launch]
