@@ -124,6 +124,21 @@ def test_quant_rounds_half_to_even(bits):
     assert _unpacked(codes, bits)[0, :8].tolist() == [qm, 0, 2, 2, -2, 0, 4, -qm]
 
 
+@needs_interpreter
+@pytest.mark.parametrize("t,n,m,k", [(3, 1536, 1536, 12), (5, 512, 576, 36), (2, 200, 256, 0)])
+def test_hadamard_quant_plane_order(t, n, m, k):
+    """bits 8 with planes=True: the same codes, per 64 inputs the 32 even ones then the 32 odd ones
+    (32-bit stores where a tile row holds whole 64-blocks: 1536; byte stores otherwise: 576)."""
+    x = _act(t, n, seed=m + 1)
+    codes, scale, sums = hq.hadamard_quant(x, m, k, 1, 8, planes=True)
+    plain = hq.hadamard_quant(x, m, k, 1, 8)
+    assert torch.equal(codes, hq.to_planes(plain[0])) and torch.equal(hq.from_planes(codes), plain[0])
+    assert torch.equal(scale, plain[1]) and torch.equal(sums, plain[2])
+    assert codes[0, 32].item() == plain[0][0, 1].item() and codes[0, 1].item() == plain[0][0, 2].item()
+    with pytest.raises(ValueError, match="plane order"):
+        hq.hadamard_quant(x, m, k, 1, 4, planes=True)
+
+
 def test_plan_covers_the_block():
     for size, k, blocks in [(64, 1, 1), (576, 36, 1), (1664, 52, 1), (2240, 140, 1), (1152, 36, 2), (14336, 28, 1), (17920, 140, 1)]:
         p = hq.plan(size, k, blocks)
@@ -193,6 +208,28 @@ def test_w4_gemm_matches_reference(t, n, k, bits, group, config, dtype, with_bia
     ref = gm.w4_gemm_reference(a, ascale, wpacked, wscale, group, torch.float64, bias)
     tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "t,n,k,group,config",
+    [
+        (5, 40, 576, 0, dict(BM=16, BN=32, BK=128, split_k=2)),  # K % BK != 0: masked planes
+        (3, 32, 256, 64, dict(BM=16, BN=32, BK=64, split_k=1)),  # grouped scales
+        (17, 48, 512, 0, dict(BM=64, BN=64, BK=64, split_k=1)),
+    ],
+)
+def test_w4a8_gemm_plane_ordered_activations(t, n, k, group, config):
+    """W4A8 with a_planes=True takes to_planes(codes) and returns exactly the natural-order result."""
+    a, ascale, asum, wpacked, wscale, bias = _gemm_inputs(t, n, k, 8, group, seed=t + k)
+    w = gm.repack_for_kernel(wpacked)
+    y = gm.w4a8_gemm(hq.to_planes(a), ascale, asum, w, wscale, group, torch.float32, bias, config=config, a_planes=True)
+    y_nat = gm.w4a8_gemm(a, ascale, asum, w, wscale, group, torch.float32, bias, config=config)
+    assert torch.equal(y, y_nat)
+    ref = gm.w4_gemm_reference(a, ascale, wpacked, wscale, group, torch.float64, bias)
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    with pytest.raises(ValueError, match="plane-ordered"):
+        gm.w4a8_gemm(a[:, :k - 64 + 32], ascale, asum, w[:, :(k - 32) // 2], wscale[:, :1], 0, a_planes=True)
 
 
 @needs_interpreter

@@ -273,9 +273,11 @@ def gemm_launches(kernel: str, m: int, n: int, k: int, group_size: int = 0, conf
     packed = kernel == "w4a4_gemm"
     a = _meta((m, k // 2), torch.uint8) if packed else _meta((m, k), torch.int8)
     ws = _meta((n, k // group_size if group_size else 1), torch.float32)
+    # W4A8 as the linear runs it: int8 codes in plane order wherever K allows (ops.qexpand_linear_gpu)
+    planes = not packed and k % 64 == 0 and group_size % 64 == 0
     _, launches = gm.plan_launches(a, _meta((m, 1), torch.float32), _meta((m,), torch.int32), _meta((n, k // 2), torch.uint8),
                                    _meta((n,), torch.int32) if packed else None, ws, group_size, torch.bfloat16, None,
-                                   packed, {"fast": True, **(config or {})}, None, sm_count=SMS)
+                                   packed, {"fast": True, **(config or {})}, None, sm_count=SMS, a_planes=planes)
     return launches
 
 
@@ -288,7 +290,7 @@ def hadamard_launch(n: int, size: int, bits: int, t: int = HADAMARD_T, tile: dic
     k = hadamard.factor(size)[0]
     x = _meta((t, n), torch.bfloat16)
     hrow, hcol = hq.hadamard_operands(size, k, 1, torch.bfloat16, "meta")
-    _, launches = hq.plan_launch(x, size, k, 1, bits, hrow, hcol, tile=tile)
+    _, launches = hq.plan_launch(x, size, k, 1, bits, hrow, hcol, tile=tile, planes=bits == 8 and size % 64 == 0)
     return k, launches[0]
 
 
@@ -368,7 +370,7 @@ def gemm_row(kernel: str, shape: str, m: int, n: int, k: int, arch: int = 90, lo
     body = mma_loop(c.instrs) or []
     kw = main[3]
     ratio, why = predict_gemm(c, main, m, n, k, kernel == "w4a4_gemm", len(launches) + (1 if main[1][1] > 1 else 0))
-    cfg = {key: kw[key] for key in ("BM", "BN", "BK", "num_warps", "num_stages", "FAST")}
+    cfg = {key: kw[key] for key in ("BM", "BN", "BK", "num_warps", "num_stages", "FAST", "EVEN_K", "A_PLANES")}
     cfg.update(split_k=main[1][1], grid=list(main[1]), launches=len(launches) + (1 if main[1][1] > 1 else 0))
     row = {
         "kernel": kernel, "shape": shape, "M": m, "N": n, "K": k, "config": cfg,
@@ -395,7 +397,7 @@ def hadamard_row(n: int, size: int, bits: int, arch: int = 90, log=print, tile: 
     ratio, why = predict_hadamard(c, launch, n, size, bits, HADAMARD_T, body)
     row = {
         "kernel": "hadamard_quant", "shape": f"{n}->{size} k={k} bits={bits}", "M": HADAMARD_T, "N": n, "K": size,
-        "config": {**{key: kw[key] for key in ("ROWS", "PB", "RC", "BITS", "SPLIT3", "WIDE", "num_warps") if key in kw},
+        "config": {**{key: kw[key] for key in ("ROWS", "PB", "RC", "BITS", "SPLIT3", "WIDE", "PLANES", "num_warps") if key in kw},
                    "tokens_per_program": launch[2][8]},
         "regs": c.regs, "spill_bytes": c.spill_bytes, "smem": c.smem, "wgmma": c.wgmma, "mma_sync": c.mma_sync,
         "async_copies": c.async_copies, "tma": c.tma,

@@ -72,6 +72,25 @@ def hadamard_quant_reference(
     return codes, scale, sums
 
 
+PLANE = 64  # inputs per block of the int8 plane order
+
+
+def to_planes(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [T, M] (M % 64 == 0) -> plane order: per 64 inputs, the 32 even ones then the 32 odd ones.
+
+    The W4A8 GEMM's weight byte j holds inputs 2j (low nibble) and 2j + 1 (high): in plane order
+    each half of a 64-block lines up with one nibble plane of 32 weight bytes.
+    """
+    t, m = codes.shape
+    return codes.reshape(t, m // PLANE, PLANE // 2, 2).transpose(-1, -2).reshape(t, m)
+
+
+def from_planes(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_planes`."""
+    t, m = codes.shape
+    return codes.reshape(t, m // PLANE, 2, PLANE // 2).transpose(-1, -2).reshape(t, m)
+
+
 def unpack_activation_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [T, M/2] (value+8, low nibble = even input) -> int8 codes [T, M]."""
     u = packed.to(torch.int16)
@@ -197,6 +216,7 @@ if HAS_TRITON:
         NB: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, P2: tl.constexpr, PB: tl.constexpr,
         ROWS: tl.constexpr, RC: tl.constexpr, ROTATE: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
         SPLIT3: tl.constexpr, BITS: tl.constexpr, WIDE: tl.constexpr, AMAX_MODE: tl.constexpr, FAST: tl.constexpr,
+        PLANES: tl.constexpr,
     ):
         # AMAX_MODE 0: quantize with the token's own max; 1: only write that max to amax_ptr (the
         # first pass at TP > 1); 2: quantize with amax_ptr's value (the max over the ranks)
@@ -211,7 +231,14 @@ if HAS_TRITON:
         out_mask = live & (f < M_BLK)
         src = blk * N_BLK + f
         dst = blk * M_BLK + f
-        if WIDE:  # 32-bit stores: PB * BITS / 32 words per tile row
+        if PLANES:  # bits 8 in plane order: per 64 inputs, the 32 even ones, then the 32 odd ones
+            dst = (dst // 64) * 64 + (dst % 2) * 32 + (dst % 64) // 2
+            if WIDE:  # P2 % 64 == 0: a 64-block lies in one tile row; 8 words of evens, 8 of odds
+                jq = tl.arange(0, PB // 8)[None, :]  # word of a plane across the row's 64-blocks
+                wbase = (blk * M_BLK + r * P2) // 4 + (jq // 8) * 16 + jq % 8
+                maskq = (blk < NB) & (r < R) & (jq * 8 < P2) & (r * P2 + jq * 8 < M_BLK)
+                qw_ptr = q_ptr.to(tl.pointer_type(tl.int32))
+        elif WIDE:  # 32-bit stores: PB * BITS / 32 words per tile row
             WPR: tl.constexpr = PB * BITS // 32
             jw = tl.arange(0, WPR)[None, :]
             EPW: tl.constexpr = 32 // BITS  # elements per word
@@ -299,7 +326,14 @@ if HAS_TRITON:
                 # hcol), so their codes are 0 and add nothing to the sum
                 tl.store(scale_ptr + t, scale)
                 tl.store(sum_ptr + t, tl.sum(tl.sum(qi, axis=1), axis=0))
-                if WIDE:
+                if PLANES and WIDE:
+                    # [ROWS, PB] -> even / odd planes [ROWS, PB/2] (element 2i / 2i + 1 of each pair),
+                    # each packed 4 per word: 8 words per 64-block per plane
+                    ev, od = tl.split(tl.reshape(qi, (ROWS, PB // 2, 2)))
+                    row0 = qw_ptr + (t64 * stride_q) // 4
+                    tl.store(row0 + wbase, _pack_words(ev, ROWS, PB // 2, 8), mask=maskq)
+                    tl.store(row0 + wbase + 8, _pack_words(od, ROWS, PB // 2, 8), mask=maskq)
+                elif WIDE:
                     tl.store(qw_ptr + (t64 * stride_q) // 4 + dstw,
                              _pack_words(qi, ROWS, PB, BITS), mask=maskw)
                 elif BITS == 8:
@@ -349,6 +383,7 @@ def plan_launch(
     amax: torch.Tensor | None = None,
     amax_only: bool = False,
     tile: dict | None = None,
+    planes: bool = False,
 ):
     """((codes, scale, sums) or (amax,), [(kernel, grid, args, kwargs)]): what :func:`hadamard_quant` launches.
 
@@ -372,6 +407,8 @@ def plan_launch(
         raise ValueError(f"input width {n} does not fit size {size} in {blocks} blocks")
     if bits == 4 and (pl.p2 % 2 or size % 2):
         raise ValueError(f"int4 packing needs an even tile width; size {size}, k {k} gives {pl.p2}")
+    if planes and (bits != 8 or size % PLANE):
+        raise ValueError(f"plane order is for bits 8 and sizes divisible by {PLANE}; got bits {bits}, size {size}")
     split3 = False
     if pl.rotate:
         if hrow is None or hcol is None:
@@ -406,6 +443,8 @@ def plan_launch(
     epw = 32 // bits
     wide = (not amax_only and pl.p2 % epw == 0 and (size // blocks) % epw == 0 and codes.stride(0) % 4 == 0
             and pl.pb % epw == 0)
+    if planes:  # whole 64-blocks per tile row
+        wide = wide and pl.p2 % PLANE == 0 and (size // blocks) % PLANE == 0
     tokens = tokens_per_program or _tokens_per_program(t)
     launch = (
         _hadamard_quant_kernel, (triton.cdiv(t, tokens),),
@@ -415,6 +454,7 @@ def plan_launch(
              ROTATE=pl.rotate, DOT_F32=hcol.dtype == torch.float32,
              PREC="ieee" if interpreting() else "tf32x3", SPLIT3=split3,
              BITS=bits, WIDE=wide, AMAX_MODE=mode, FAST=not interpreting() and torch.version.hip is None,
+             PLANES=planes,
              num_warps=(tile or {}).get("num_warps", _num_warps(pl)),
              num_stages=1),  # pipelining the token loop multi-buffers the chunks: > 228 KiB smem at K = 140
     )
@@ -433,6 +473,7 @@ def hadamard_quant(
     tokens_per_program: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     amax: torch.Tensor | None = None,
+    planes: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launch: x [T, N] -> (codes, scale float32 [T, 1], sums int32 [T]); see module doc.
 
@@ -440,10 +481,12 @@ def hadamard_quant(
     :func:`hadamard_operands` (cached per rotation; pass them explicitly on hot paths).
     ``out`` are preallocated outputs (every element is written). ``amax`` (float32 [T, 1]):
     quantize with this per-token max|y| instead of the token's own (tensor parallelism: the max
-    over the ranks, from :func:`hadamard_absmax` on each rank).
+    over the ranks, from :func:`hadamard_absmax` on each rank). ``planes`` (bits 8, size % 64
+    == 0): codes in plane order (:func:`to_planes`), the order the W4A8 GEMM's
+    ``a_planes=True`` multiplies without permuting its weights.
     """
     outs, launches = plan_launch(x, size, k, blocks, bits, hrow, hcol, tokens_per_program=tokens_per_program,
-                                 out=out, amax=amax)
+                                 out=out, amax=amax, planes=planes)
     for kernel, grid, args, kwargs in launches:
         kernel[grid](*args, **kwargs)
     return outs

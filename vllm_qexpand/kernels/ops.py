@@ -4,13 +4,14 @@ Ops (registered with ``torch.library.custom_op`` when Triton is importable, so t
 depend on any vLLM version; each has a fake impl for torch.compile / CUDA-graph tracing):
 
 - ``qexpand::hadamard_quant(Tensor x, Tensor hrow, Tensor hcol, int size, int k, int blocks,
-  int bits) -> (Tensor codes, Tensor scale, Tensor sums)``
+  int bits, bool planes=False) -> (Tensor codes, Tensor scale, Tensor sums)`` (``planes``: int8
+  codes in the plane order ``w4a8_gemm(..., a_planes=True)`` multiplies without permutes)
 - ``qexpand::hadamard_absmax(Tensor x, Tensor hrow, Tensor hcol, int size, int k, int blocks)
   -> Tensor amax`` and ``qexpand::hadamard_quant_amax(Tensor x, Tensor hrow, Tensor hcol,
-  Tensor amax, int size, int k, int blocks, int bits) -> (codes, scale, sums)``: the two passes
+  Tensor amax, int size, int k, int blocks, int bits, bool planes=False) -> (codes, scale, sums)``: the two passes
   at tensor parallelism > 1 (the per-token max is reduced across ranks in between)
 - ``qexpand::w4a8_gemm(Tensor a, Tensor a_scale, Tensor a_sum, Tensor weight,
-  Tensor weight_scale, int group_size, ScalarType out_dtype, Tensor? bias) -> Tensor``
+  Tensor weight_scale, int group_size, ScalarType out_dtype, Tensor? bias, bool a_planes=False) -> Tensor``
 - ``qexpand::w4a4_gemm(Tensor a, Tensor a_scale, Tensor a_sum, Tensor weight,
   Tensor weight_sums, Tensor weight_scale, int group_size, ScalarType out_dtype,
   Tensor? bias) -> Tensor``
@@ -122,14 +123,17 @@ def qexpand_linear_gpu(
             hrow, hcol = rotation_operands(rotation, x.dtype, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    # W4A8: int8 codes in plane order, which the GEMM multiplies with its nibble planes as they are
+    planes = act_bits == 8 and size % 64 == 0 and group_size % 64 == 0
     if amax_reduce is None:
-        codes, scale, sums = torch.ops.qexpand.hadamard_quant(x2, hrow, hcol, size, k, blocks, act_bits)
+        codes, scale, sums = torch.ops.qexpand.hadamard_quant(x2, hrow, hcol, size, k, blocks, act_bits, planes)
     else:  # two passes of the fused kernel around the cross-rank max (the rotation is recomputed)
         local = torch.ops.qexpand.hadamard_absmax(x2, hrow, hcol, size, k, blocks)
         amax = amax_reduce(local)
-        codes, scale, sums = torch.ops.qexpand.hadamard_quant_amax(x2, hrow, hcol, amax, size, k, blocks, act_bits)
+        codes, scale, sums = torch.ops.qexpand.hadamard_quant_amax(x2, hrow, hcol, amax, size, k, blocks, act_bits,
+                                                                   planes)
     if act_bits == 8:
-        y = torch.ops.qexpand.w4a8_gemm(codes, scale, sums, weight, weight_scale, group_size, x.dtype, bias)
+        y = torch.ops.qexpand.w4a8_gemm(codes, scale, sums, weight, weight_scale, group_size, x.dtype, bias, planes)
     else:
         y = torch.ops.qexpand.w4a4_gemm(codes, scale, sums, weight, weight_sums, weight_scale, group_size, x.dtype, bias)
     return y.reshape(*lead, weight.shape[0])
@@ -143,12 +147,13 @@ def _register() -> None:
 
     @torch.library.custom_op("qexpand::hadamard_quant", mutates_args=(), device_types=devices)
     def hadamard_quant(
-        x: torch.Tensor, hrow: torch.Tensor, hcol: torch.Tensor, size: int, k: int, blocks: int, bits: int
+        x: torch.Tensor, hrow: torch.Tensor, hcol: torch.Tensor, size: int, k: int, blocks: int, bits: int,
+        planes: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None)
+        return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None, planes=planes)
 
     @hadamard_quant.register_fake
-    def _(x, hrow, hcol, size, k, blocks, bits):
+    def _(x, hrow, hcol, size, k, blocks, bits, planes=False):
         codes, scale, sums = output_shapes(x.shape[0], size, bits)
         return (
             x.new_empty(codes, dtype=torch.int8 if bits == 8 else torch.uint8),
@@ -169,12 +174,13 @@ def _register() -> None:
     @torch.library.custom_op("qexpand::hadamard_quant_amax", mutates_args=(), device_types=devices)
     def hadamard_quant_amax(
         x: torch.Tensor, hrow: torch.Tensor, hcol: torch.Tensor, amax: torch.Tensor, size: int, k: int, blocks: int,
-        bits: int,
+        bits: int, planes: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None, amax=amax)
+        return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None, amax=amax,
+                                 planes=planes)
 
     @hadamard_quant_amax.register_fake
-    def _(x, hrow, hcol, amax, size, k, blocks, bits):
+    def _(x, hrow, hcol, amax, size, k, blocks, bits, planes=False):
         codes, scale, sums = output_shapes(x.shape[0], size, bits)
         return (
             x.new_empty(codes, dtype=torch.int8 if bits == 8 else torch.uint8),
@@ -192,11 +198,12 @@ def _register() -> None:
         group_size: int,
         out_dtype: torch.dtype,
         bias: Optional[torch.Tensor],
+        a_planes: bool = False,
     ) -> torch.Tensor:
-        return gm.w4a8_gemm(a, a_scale, a_sum, weight, weight_scale, group_size, out_dtype, bias)
+        return gm.w4a8_gemm(a, a_scale, a_sum, weight, weight_scale, group_size, out_dtype, bias, a_planes=a_planes)
 
     @w4a8_gemm.register_fake
-    def _(a, a_scale, a_sum, weight, weight_scale, group_size, out_dtype, bias):
+    def _(a, a_scale, a_sum, weight, weight_scale, group_size, out_dtype, bias, a_planes=False):
         return a.new_empty((a.shape[0], weight.shape[0]), dtype=out_dtype)
 
     @torch.library.custom_op("qexpand::w4a4_gemm", mutates_args=(), device_types=devices)

@@ -186,7 +186,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _k_step(acc, a_rows, w_rows, kh, K, KH, A_PACKED: tl.constexpr, SIGNED: tl.constexpr, EVEN_K: tl.constexpr,
-                BK: tl.constexpr, FAST: tl.constexpr):
+                BK: tl.constexpr, FAST: tl.constexpr, A_PLANES: tl.constexpr):
         """acc += the [BM, BK] x [BK, BN] product of the K tile starting at input 2·kh (int32).
 
         Value+8 codes (SIGNED = False; the epilogue removes the zero points) or signed ones
@@ -219,6 +219,26 @@ if HAS_TRITON:
                 w_hi = w_hi - 8
             acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
             acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
+        elif A_PLANES:
+            # int8 codes in plane order (hadamard_quant planes=True): per 64 inputs the 32 even
+            # ones, then the 32 odd ones, so each half meets one nibble plane of the weights
+            c = tl.arange(0, BK // 2)
+            offs_lo = 2 * kh + (c // 32) * 64 + c % 32
+            if EVEN_K:
+                a_lo = tl.load(a_rows + offs_lo[None, :])
+                a_hi = tl.load(a_rows + (offs_lo + 32)[None, :])
+            else:
+                km = (2 * kh + 2 * c < K)[None, :]
+                a_lo = tl.load(a_rows + offs_lo[None, :], mask=km, other=0)
+                a_hi = tl.load(a_rows + (offs_lo + 32)[None, :], mask=km, other=0)
+            w_lo, w_hi = _planes(wp, FAST)
+            w_lo = w_lo.to(tl.int8)
+            w_hi = w_hi.to(tl.int8)
+            if SIGNED:
+                w_lo = w_lo - 8
+                w_hi = w_hi - 8
+            acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
         else:
             offs_k = 2 * kh + tl.arange(0, BK)
             if EVEN_K:
@@ -237,7 +257,7 @@ if HAS_TRITON:
         M, N, K, K_SLICE, stride_am, stride_wn, stride_ws, stride_om,
         A_PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FAST: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        EVEN_K: tl.constexpr, A_PLANES: tl.constexpr,
     ):
         # grouped tile order along M for L2 reuse of the weight tiles
         pid = tl.program_id(0)
@@ -265,14 +285,14 @@ if HAS_TRITON:
             for g0 in range(0, K, GROUP):
                 gacc = tl.zeros((BM, BN), dtype=tl.int32)
                 for kk in tl.static_range(0, GROUP, BK):
-                    gacc = _k_step(gacc, a_rows, w_rows, (g0 + kk) // 2, K, KH, A_PACKED, True, True, BK, FAST)
+                    gacc = _k_step(gacc, a_rows, w_rows, (g0 + kk) // 2, K, KH, A_PACKED, True, True, BK, FAST, A_PLANES)
                 wsg = tl.load(ws_ptr + (offs_n % N) * stride_ws + g0 // GROUP)
                 acc += gacc.to(tl.float32) * wsg[None, :]
         else:
             acc = tl.zeros((BM, BN), dtype=tl.int32)
             # the loop runs over bytes of a packed row (K_SLICE and K are even: no signed division inside)
             for kh in range(k_lo // 2, k_hi // 2, BK // 2):
-                acc = _k_step(acc, a_rows, w_rows, kh, K, KH, A_PACKED, False, EVEN_K, BK, FAST)
+                acc = _k_step(acc, a_rows, w_rows, kh, K, KH, A_PACKED, False, EVEN_K, BK, FAST, A_PLANES)
 
         mm = offs_m < M
         nm = offs_n < N
@@ -303,7 +323,7 @@ def _fast_default(device: torch.device) -> bool:
 
 def plan_launches(
     a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, a_packed, config, out,
-    sm_count: int | None = None,
+    sm_count: int | None = None, a_planes: bool = False,
 ):
     """(out, [(kernel, grid, args, kwargs), ...]): the launches a GEMM call makes, not run.
 
@@ -337,6 +357,8 @@ def plan_launches(
     bm, bn, bk, split = cfg["BM"], cfg["BN"], cfg["BK"], cfg["split_k"]
     if group_size and (group_size % bk or split != 1):
         raise ValueError(f"grouped scales need BK dividing group_size ({bk} vs {group_size}) and split_k = 1")
+    if a_planes and (a_packed or k % 64 or bk % 64):
+        raise ValueError(f"plane-ordered int8 activations need K and BK divisible by 64 (K={k}, BK={bk})")
     if out is None:
         out = torch.empty(t, n, dtype=out_dtype, device=a.device)
     elif out.shape != (t, n) or out.stride(-1) != 1:
@@ -360,7 +382,7 @@ def plan_launches(
         (a, a_scale, a_sum, weight, weight_sums, ws, bias_arg, out, part,
          t, n, k, k_slice, a.stride(0), weight.stride(0), ws.stride(0), out.stride(0)),
         dict(A_PACKED=a_packed, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
-             BM=bm, BN=bn, BK=bk, GROUP_M=8, FAST=fast, EVEN_K=k % bk == 0 and k_slice % bk == 0,
+             BM=bm, BN=bn, BK=bk, GROUP_M=8, FAST=fast, EVEN_K=k % bk == 0 and k_slice % bk == 0, A_PLANES=a_planes,
              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
              **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})),
     )]
@@ -375,10 +397,12 @@ def plan_launches(
 
 
 def _launch(
-    a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, a_packed, config, out
+    a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, a_packed, config, out,
+    a_planes=False,
 ):
     out, launches = plan_launches(
-        a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, a_packed, config, out
+        a, a_scale, a_sum, weight, weight_sums, weight_scale, group_size, out_dtype, bias, a_packed, config, out,
+        a_planes=a_planes,
     )
     for kernel, grid, args, kwargs in launches:
         kernel[grid](*args, **kwargs)
@@ -397,13 +421,17 @@ def w4a8_gemm(
     *,
     config: dict | None = None,
     out: torch.Tensor | None = None,
+    a_planes: bool = False,
 ) -> torch.Tensor:
     """W4A8: int8 codes a [T, K], a_scale f32 [T, 1], a_sum i32 [T], weight uint8 [N, K/2] -> [T, N].
 
     ``config`` overrides :func:`default_config` keys (BM, BN, BK, split_k, num_warps,
-    num_stages, fast); ``out`` is a preallocated [T, N] output.
+    num_stages, fast); ``out`` is a preallocated [T, N] output. ``a_planes``: ``a`` is in plane
+    order (``hadamard_quant(..., planes=True)``, ``hadamard_quant.to_planes``; K % 64 == 0):
+    each half of a 64-input block meets one nibble plane of the weights, with no permutes.
     """
-    return _launch(a, a_scale, a_sum, weight, None, weight_scale, group_size, out_dtype, bias, False, config, out)
+    return _launch(a, a_scale, a_sum, weight, None, weight_scale, group_size, out_dtype, bias, False, config, out,
+                   a_planes)
 
 
 def w4a4_gemm(
