@@ -475,7 +475,9 @@ def test_static_report_compiles_like_the_jit(tmp_path):
     assert set(had[0]["stores"]) <= {"STG.E", "STG.E.64", "STG.E.128"}  # no byte stores
     for key, s in doc["summary"].items():
         if key.startswith("hadamard"):
-            assert s["target_met"] == (s["instr_per_token"] <= 1000 and s["spill_bytes"] == 0)
+            assert s["target_met"] == (s["instr_per_token"] <= 1000 and s["spill_bytes"] == 0
+                                       and set(s["stores"]) <= {"STG.E", "STG.E.64", "STG.E.128"})
+            assert s["warp_instr_per_token"] == s["instr_per_token"] * s["warps"]
         else:
             assert s["target_met"] == (s["instr_per_iter"] <= s["limit"] and s["prmt_per_iter"] == 0 and s["spill_bytes"] == 0)
             assert s["limit"] == (110 if "16x" in key else 90)

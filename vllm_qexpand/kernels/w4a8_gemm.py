@@ -96,14 +96,19 @@ def w4_gemm_reference(
 
 # (BM, BN, BK, num_warps, num_stages). Not timed on a GPU yet (benchmarks/kernels.py --tune
 # sweeps); picked from the static report (benchmarks/kernel_sass.py: SASS instructions per
-# warp per main-loop iteration, registers, spills for sm_90a): no spills anywhere; "small" at
-# 64x128x64 with 4 warps issues 112 instructions per iteration where 64x128x128 with 8 warps
-# issued 226 (its A tile went through shared memory); 128x256 and 256x128 with BK = 128 need
-# 209-228 registers and 156-211 instructions per iteration, more per MAC than 128x128x64.
+# warp per main-loop iteration, registers, spills for sm_90a), all without spills:
+# - decode 16x64x128, 4 warps, 4 stages (memory-bound: deep prefetch): 106-108 (W4A4) and
+#   88-89 (W4A8) instructions per iteration; 2 stages would issue 95 / 77;
+# - small 64x128x64, 4 warps, 4 stages: 112 / 119, where 64x128x128 on 8 warps issued 226
+#   (its A tile went through shared memory);
+# - large 128x128x64, 8 warps, 2 stages: 81 / 88 (3 or 4 stages: 93 / 96, ring-buffer index
+#   arithmetic); W4A4 needs 171 registers (one CTA per SM; capped at 128 it spills 112 B),
+#   W4A8 118. 128x256 and 256x128 with BK = 128 need 209-228 registers and 156-211
+#   instructions per iteration.
 _CONFIGS = {
     "decode": (16, 64, 128, 4, 4),
     "small": (64, 128, 64, 4, 4),
-    "large": (128, 128, 64, 8, 4),
+    "large": (128, 128, 64, 8, 2),
 }
 
 
