@@ -203,7 +203,7 @@ def step_jit(ctx):
     from vllm_qexpand.kernels import w4a8_gemm as gm
 
     rows = []
-    for fn in (gm._w4_gemm_kernel, gm._split_k_epilogue_kernel, hq._hadamard_quant_kernel):
+    for fn in (gm._w4_gemm_kernel, hq._hadamard_quant_kernel):
         for dev_cache in fn.device_caches.values():
             for kern in dev_cache[0].values():
                 row = {"kernel": fn.__name__}

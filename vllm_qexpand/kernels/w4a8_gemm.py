@@ -22,8 +22,10 @@ The unpack has two implementations behind the ``FAST`` constexpr with identical 
 an inline-PTX version working on four bytes per 32-bit register (GPU only) and a plain
 ``tl`` version (the interpreter cannot run inline asm).
 
-Small M: ``split_k`` > 1 runs the K range in slices that add their int32 partial sums with
-atomics into a zeroed int32 buffer; a second small kernel applies the epilogue.
+Small M: ``split_k`` > 1 runs the K range in slices; each stores its exact int32 partial sums,
+and the slice that arrives last at its tile's counter (an atomic on one int32 per tile, zeroed
+per call) adds the partials in slice order and applies the epilogue: one GEMM launch plus the
+counters' memset, and the same bits as without split-K.
 
 Grouped weight scales (``group_size`` > 0, a multiple of BK): codes are made signed in
 registers and each K tile's int32 dot is scaled by its group's scale into a float32
@@ -258,8 +260,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _w4_gemm_kernel(
-        a_ptr, as_ptr, asum_ptr, w_ptr, wsum_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
-        M, N, K, K_SLICE, stride_am, stride_wn, stride_ws, stride_om,
+        a_ptr, as_ptr, asum_ptr, w_ptr, wsum_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, flag_ptr,
+        M, N, K, K_SLICE, stride_am, stride_wn, stride_ws, stride_om, SLICE_STRIDE,
         A_PACKED: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FAST: tl.constexpr,
         EVEN_K: tl.constexpr, A_PLANES: tl.constexpr,
@@ -302,24 +304,25 @@ if HAS_TRITON:
         mm = offs_m < M
         nm = offs_n < N
         if SPLIT_K > 1:
-            ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.atomic_add(ptrs, acc, mask=mm[:, None] & nm[None, :])
+            # in-kernel split-K reduction, no atomics on the data: each slice stores its exact int32
+            # partial sums; the slice that arrives last (a per-tile counter) adds them in slice order
+            # and runs the epilogue
+            mask = mm[:, None] & nm[None, :]
+            cell = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            # (the slice stride M·N comes from the host: M = 1 is a compile-time constant for the JIT)
+            tl.store(part_ptr + tl.program_id(1) * SLICE_STRIDE + cell, acc, mask=mask)
+            tl.debug_barrier()  # every thread's partial is written before the counter moves
+            arrived = tl.atomic_add(flag_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros((BM, BN), dtype=tl.int32)
+                for sk in tl.static_range(SPLIT_K):
+                    total += tl.load(part_ptr + sk * SLICE_STRIDE + cell, mask=mask, other=0,
+                                     cache_modifier=".cg")  # other SMs wrote these: bypass L1
+                _epilogue(total, offs_m, offs_n, M, N, K, as_ptr, asum_ptr, wsum_ptr, ws_ptr, stride_ws,
+                          bias_ptr, out_ptr, stride_om, A_PACKED, False, HAS_BIAS)
         else:
             _epilogue(acc, offs_m, offs_n, M, N, K, as_ptr, asum_ptr, wsum_ptr, ws_ptr, stride_ws,
                       bias_ptr, out_ptr, stride_om, A_PACKED, GROUP > 0, HAS_BIAS)
-
-    @triton.jit
-    def _split_k_epilogue_kernel(
-        part_ptr, as_ptr, asum_ptr, wsum_ptr, ws_ptr, bias_ptr, out_ptr,
-        M, N, K, stride_ws, stride_om,
-        A_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    ):
-        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        acc = tl.load(part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        _epilogue(acc, offs_m, offs_n, M, N, K, as_ptr, asum_ptr, wsum_ptr, ws_ptr, stride_ws,
-                  bias_ptr, out_ptr, stride_om, A_PACKED, False, HAS_BIAS)
 
 
 def _fast_default(device: torch.device) -> bool:
@@ -376,28 +379,23 @@ def plan_launches(
     split = max(1, min(split, k_tiles))
     k_slice = -(-k_tiles // split) * bk
     split = -(-k // k_slice)
-    part = torch.zeros(t, n, dtype=torch.int32, device=a.device) if split > 1 else out
+    # split-K: int32 partials per slice (written before read: no zero fill) and one arrival counter per tile
+    grid = (triton.cdiv(t, bm) * triton.cdiv(n, bn), split)
+    part = torch.empty(split, t, n, dtype=torch.int32, device=a.device) if split > 1 else out
+    flags = torch.zeros(grid[0], dtype=torch.int32, device=a.device) if split > 1 else a_scale
     a_sum = a_sum if a_sum is not None else ws
     weight_sums = weight_sums if weight_sums is not None else ws
     bias_arg = bias if bias is not None else ws
     fast = cfg.get("fast", _fast_default(a.device))
-    grid = (triton.cdiv(t, bm) * triton.cdiv(n, bn), split)
     launches = [(
         _w4_gemm_kernel, grid,
-        (a, a_scale, a_sum, weight, weight_sums, ws, bias_arg, out, part,
-         t, n, k, k_slice, a.stride(0), weight.stride(0), ws.stride(0), out.stride(0)),
+        (a, a_scale, a_sum, weight, weight_sums, ws, bias_arg, out, part, flags,
+         t, n, k, k_slice, a.stride(0), weight.stride(0), ws.stride(0), out.stride(0), t * n),
         dict(A_PACKED=a_packed, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
              BM=bm, BN=bn, BK=bk, GROUP_M=8, FAST=fast, EVEN_K=k % bk == 0 and k_slice % bk == 0, A_PLANES=a_planes,
              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
              **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {})),
     )]
-    if split > 1:
-        ebm, ebn = 16, 64
-        launches.append((
-            _split_k_epilogue_kernel, (triton.cdiv(t, ebm), triton.cdiv(n, ebn)),
-            (part, a_scale, a_sum, weight_sums, ws, bias_arg, out, t, n, k, ws.stride(0), out.stride(0)),
-            dict(A_PACKED=a_packed, HAS_BIAS=bias is not None, BM=ebm, BN=ebn, num_warps=4),
-        ))
     return out, launches
 
 
