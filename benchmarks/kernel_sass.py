@@ -25,13 +25,46 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def _same_role(key: str, before: dict):
+    """The earlier summary's entry for the same kernel, BM (decode / small / large tile) and split."""
+    parts = key.split()
+    if parts[0] == "hadamard_quant" or len(parts) < 3:
+        return None
+    for k, v in before.items():
+        q = k.split()
+        if q[0] == parts[0] and q[1].split("x")[0] == parts[1].split("x")[0] and q[2:] == parts[2:]:
+            return v
+    return None
+
+
+def table(doc: dict) -> str:
+    """Markdown table of a report's summary (docs/kernels.md), with the earlier report's counts if kept."""
+    before = (doc.get("before") or {}).get("summary", {})
+    lines = ["| configuration (after) | before | after | target |", "|---|---|---|---|"]
+    for key, s in doc["summary"].items():
+        if key.startswith("hadamard"):
+            fmt = lambda x: (f"{x['instr_per_token']} instr/token/thread" + (f" x {x['warps']} warps" if "warps" in x else "")  # noqa: E731
+                             + f", {x['spill_bytes']} B spill, {x['regs']} regs")
+            goal = "<= 1000, 0 spill, >= 32-bit stores"
+        else:
+            fmt = lambda x: f"{x['instr_per_iter']} instr/iter, {x['prmt_per_iter']} PRMT, {x['spill_bytes']} B spill, {x['regs']} regs"  # noqa: E731
+            goal = f"<= {s['limit']}, 0 PRMT, 0 spill"
+        old = before.get(key) or _same_role(key, before)
+        lines.append(f"| {key} | {fmt(old) if old else '-'} | {fmt(s)} | {'met' if s['target_met'] else 'MISSED'} ({goal}) |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="two GEMM rows and one Hadamard size (CI)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--before", type=Path, default=None, help="an earlier report: its summary is kept under 'before'")
     ap.add_argument("--before-label", default="", help="what the earlier report measured (e.g. a commit)")
+    ap.add_argument("--table", type=Path, default=None, help="print the markdown table of this report and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the report compiles the kernels", file=sys.stderr)
         return 2

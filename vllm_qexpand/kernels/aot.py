@@ -359,7 +359,8 @@ def predict_hadamard(c: Compiled, launch, n: int, size: int, bits: int, t: int, 
 TARGETS = {"large_instr_per_iter": 90, "decode_instr_per_iter": 110, "hadamard_instr_per_token": 1000}
 NOTES = [
     "instr_per_iter: static SASS instructions in the innermost loop that holds the MMA, per warp per iteration "
-    "(predicated-off instructions count: they issue). Targets: <= 110 for BM = 16 tiles, <= 90 otherwise, 0 PRMT, 0 spills.",
+    "(predicated-off instructions count: they issue). Targets: <= 110 for BM = 16 tiles, <= 90 otherwise, 0 PRMT, 0 spills. "
+    "Grouped rows (g128): one iteration is a whole group (GROUP / BK K tiles and the group's scaling).",
     "instr_per_token: static SASS instructions of the token loop, per thread (= per warp); warp_instr_per_token "
     "multiplies by the warps of the launch. The 1,000 target was set against 16-warp launches (the 3,650 measured "
     "before); a launch with 8 warps does twice the work per thread, so compare warp_instr_per_token (16,000 = "
@@ -373,15 +374,17 @@ def _tile_name(kw) -> str:
     return f"{kw['BM']}x{kw['BN']}x{kw['BK']} w{kw['num_warps']} s{kw['num_stages']}"
 
 
-def gemm_row(kernel: str, shape: str, m: int, n: int, k: int, arch: int = 90, log=print, config: dict | None = None) -> dict:
-    launches = gemm_launches(kernel, m, n, k, config=config)
+def gemm_row(kernel: str, shape: str, m: int, n: int, k: int, arch: int = 90, log=print, config: dict | None = None,
+             group_size: int = 0) -> dict:
+    launches = gemm_launches(kernel, m, n, k, group_size, config=config)
     main = launches[0]
     c = compile_launch(main[0], main[2], main[3], arch)
     body = mma_loop(c.instrs) or []
     kw = main[3]
     ratio, why = predict_gemm(c, main, m, n, k, kernel == "w4a4_gemm", len(launches) + (1 if main[1][1] > 1 else 0))
     cfg = {key: kw[key] for key in ("BM", "BN", "BK", "num_warps", "num_stages", "FAST", "EVEN_K", "A_PLANES")}
-    cfg.update(split_k=main[1][1], grid=list(main[1]), launches=len(launches) + (1 if main[1][1] > 1 else 0))
+    cfg.update(split_k=main[1][1], grid=list(main[1]), launches=len(launches) + (1 if main[1][1] > 1 else 0),
+               group_size=group_size)
     row = {
         "kernel": kernel, "shape": shape, "M": m, "N": n, "K": k, "config": cfg,
         "regs": c.regs, "spill_bytes": c.spill_bytes, "smem": c.smem, "wgmma": c.wgmma, "mma_sync": c.mma_sync,
@@ -435,6 +438,10 @@ def report(quick: bool = False, arch: int = 90, log=print) -> dict:
         for m in ms:
             for kernel in ("w4a4_gemm",) if quick else ("w4a4_gemm", "w4a8_gemm"):
                 rows.append(gemm_row(kernel, f"{model} {layer}", m, n, k, arch, log))
+    if not quick:  # grouped weight scales (g = 128): not what the per-channel checkpoints dispatch, shown for reference
+        for m in (1, 4096):
+            for kernel in ("w4a4_gemm", "w4a8_gemm"):
+                rows.append(gemm_row(kernel, "Llama-3.1-8B o g128", m, 4096, 4096, arch, log, group_size=128))
     for n, size in [(14336, 14336)] if quick else HADAMARD_SIZES:
         for bits in (4,) if quick else (4, 8):
             rows.append(hadamard_row(n, size, bits, arch, log))
@@ -458,7 +465,8 @@ def summarize(rows: list[dict]) -> dict:
                         and all(op in ("STG.E", "STG.E.64", "STG.E.128") for op in r["stores"])}
             continue
         c = r["config"]
-        key = f"{r['kernel']} {c['BM']}x{c['BN']}x{c['BK']} split={'>1' if c['split_k'] > 1 else 1}"
+        key = (f"{r['kernel']} {c['BM']}x{c['BN']}x{c['BK']} split={'>1' if c['split_k'] > 1 else 1}"
+               + (f" g{c['group_size']}" if c.get("group_size") else ""))
         limit = TARGETS["decode_instr_per_iter"] if c["BM"] <= 16 else TARGETS["large_instr_per_iter"]
         prev = out.get(key, {"instr_per_iter": 0, "prmt_per_iter": 0, "spill_bytes": 0, "regs": 0, "rows": 0})
         cur = {"instr_per_iter": max(prev["instr_per_iter"], r["instr_per_iter"]),
