@@ -165,6 +165,38 @@ if HAS_TRITON:
         return lo, hi
 
     @triton.jit
+    def _signed_planes(p, FAST: tl.constexpr):
+        """uint8 [R, C] of two value+8 nibbles -> (low, high) planes as signed int8 [R, C], -8..7.
+
+        FAST: per 32-bit word, (nibble ^ 8) then the sign bit (0x08) times 30 = 0xF0 fills the
+        byte's top nibble (no carries between bytes): 5 instructions per plane per 4 bytes
+        instead of a byte-wise subtract (PRMT-heavy)."""
+        if FAST:
+            lo, hi = tl.inline_asm_elementwise(
+                "{\n.reg .b32 t;\n"
+                "and.b32 $0, $2, 0x0F0F0F0F;\n"
+                "xor.b32 $0, $0, 0x08080808;\n"
+                "and.b32 t, $0, 0x08080808;\n"
+                "mul.lo.u32 t, t, 30;\n"
+                "or.b32 $0, $0, t;\n"
+                "shr.b32 $1, $2, 4;\n"
+                "and.b32 $1, $1, 0x0F0F0F0F;\n"
+                "xor.b32 $1, $1, 0x08080808;\n"
+                "and.b32 t, $1, 0x08080808;\n"
+                "mul.lo.u32 t, t, 30;\n"
+                "or.b32 $1, $1, t;\n}",
+                "=r,=r,r",
+                [p],
+                dtype=(tl.int8, tl.int8),
+                is_pure=True,
+                pack=4,
+            )
+        else:
+            lo = (p & 0xF).to(tl.int8) - 8
+            hi = (p >> 4).to(tl.int8) - 8
+        return lo, hi
+
+    @triton.jit
     def _unpack(p, FAST: tl.constexpr):
         """uint8 [R, C] of two value+8 nibbles -> int8 [R, 2C] values 0..15 in k order (W4A8's weights)."""
         lo, hi = _planes(p, FAST)
@@ -213,17 +245,16 @@ if HAS_TRITON:
                 ap = tl.load(a_rows + offs_h[None, :])
             else:
                 ap = tl.load(a_rows + offs_h[None, :], mask=(offs_h < KH)[None, :], other=0)
-            a_lo, a_hi = _planes(ap, FAST)
-            w_lo, w_hi = _planes(wp, FAST)
-            a_lo = a_lo.to(tl.int8)
-            a_hi = a_hi.to(tl.int8)
-            w_lo = w_lo.to(tl.int8)
-            w_hi = w_hi.to(tl.int8)
             if SIGNED:
-                a_lo = a_lo - 8
-                a_hi = a_hi - 8
-                w_lo = w_lo - 8
-                w_hi = w_hi - 8
+                a_lo, a_hi = _signed_planes(ap, FAST)
+                w_lo, w_hi = _signed_planes(wp, FAST)
+            else:
+                a_lo, a_hi = _planes(ap, FAST)
+                w_lo, w_hi = _planes(wp, FAST)
+                a_lo = a_lo.to(tl.int8)
+                a_hi = a_hi.to(tl.int8)
+                w_lo = w_lo.to(tl.int8)
+                w_hi = w_hi.to(tl.int8)
             acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
             acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
         elif A_PLANES:
@@ -238,12 +269,12 @@ if HAS_TRITON:
                 km = (2 * kh + 2 * c < K)[None, :]
                 a_lo = tl.load(a_rows + offs_lo[None, :], mask=km, other=0)
                 a_hi = tl.load(a_rows + (offs_lo + 32)[None, :], mask=km, other=0)
-            w_lo, w_hi = _planes(wp, FAST)
-            w_lo = w_lo.to(tl.int8)
-            w_hi = w_hi.to(tl.int8)
             if SIGNED:
-                w_lo = w_lo - 8
-                w_hi = w_hi - 8
+                w_lo, w_hi = _signed_planes(wp, FAST)
+            else:
+                w_lo, w_hi = _planes(wp, FAST)
+                w_lo = w_lo.to(tl.int8)
+                w_hi = w_hi.to(tl.int8)
             acc = tl.dot(a_lo, tl.trans(w_lo), acc, out_dtype=tl.int32)
             acc = tl.dot(a_hi, tl.trans(w_hi), acc, out_dtype=tl.int32)
         else:
