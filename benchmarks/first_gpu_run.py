@@ -39,6 +39,15 @@ if str(ROOT) not in sys.path:
 HADAMARD_SIZES = [(576, 576), (1536, 1536), (4096, 4096), (8192, 8192), (14336, 14336),
                   (8192, 8960), (8192, 10240), (14336, 15360), (14336, 17920)]
 
+# the shapes of a run; SMALL (with DEV = "cpu" and TRITON_INTERPRET=1) is how the CPU test runs
+# the checking steps' logic in Triton's interpreter
+FULL = dict(hadamard_sizes=HADAMARD_SIZES, hq_tokens=(1, 257, 1100), gemm_nk=(1024, 4096), gemm_t=(1, 16, 17, 40, 64, 1100),
+            odd_nk=(1000, 4000), big_t=1100, linear=(14336, 17920, 512), tp=(7168, 8960, 256), fast=True)
+SMALL = dict(hadamard_sizes=[(448, 512), (1536, 1664)], hq_tokens=(1, 9), gemm_nk=(48, 256), gemm_t=(1, 5, 17),
+             odd_nk=(40, 208), big_t=20, linear=(448, 512, 24), tp=(448, 576, 16), fast=False)
+S = FULL
+DEV = "cuda"
+
 
 def _codes_agree(got, ref, bits) -> dict:
     from vllm_qexpand.kernels import hadamard_quant as hq
@@ -66,11 +75,11 @@ def step_hadamard(ctx):
     from vllm_qexpand.kernels import hadamard_quant as hq
 
     rows = []
-    for n, m in HADAMARD_SIZES:
+    for n, m in S["hadamard_sizes"]:
         k = hadamard.factor(m)[0]
         for bits in (4, 8):
-            for t in (1, 257, 1100):
-                x = (torch.randn(t, n, device="cuda") * (torch.rand(t, 1, device="cuda") * 4 + 0.1)).to(torch.bfloat16)
+            for t in S["hq_tokens"]:
+                x = (torch.randn(t, n, device=DEV) * (torch.rand(t, 1, device=DEV) * 4 + 0.1)).to(torch.bfloat16)
                 codes, scale, sums = hq.hadamard_quant(x, m, k, 1, bits)
                 rc, rs, _ = hq.hadamard_quant_reference(x, m, k, 1, bits)
                 agree = _codes_agree(codes, rc, bits)
@@ -95,7 +104,7 @@ def _gemm_case(t, n, k, bits, group, fast, seed):
     asum = a.int().sum(1, dtype=torch.int32)
     wp = quant.pack_int4(wq)
     ref = gm.w4_gemm_reference(a, asc, wp, ws, group, torch.float64)
-    c = lambda z: z.cuda()  # noqa: E731
+    c = lambda z: z.to(DEV)  # noqa: E731
     w = gm.repack_for_kernel(c(wp))
     if bits == 8:
         y = gm.w4a8_gemm(c(a), c(asc), c(asum), w, c(ws), group, torch.float32, config={"fast": fast})
@@ -108,18 +117,20 @@ def _gemm_case(t, n, k, bits, group, fast, seed):
 
 def step_gemm(ctx):
     rows = []
+    n, k = S["gemm_nk"]
+    fast = S["fast"]
     for bits in (8, 4):
-        for t in (1, 16, 17, 40, 64, 1100):
-            rows.append(_gemm_case(t, 1024, 4096, bits, 0, True, t))
-        rows.append(_gemm_case(40, 1024, 4096, bits, 128, True, 7))
-        rows.append(_gemm_case(1100, 1024, 4096, bits, 128, True, 8))
-        rows.append(_gemm_case(40, 1000, 4000, bits, 0, True, 9))  # K, N not tile multiples
-        for t in (1, 1100):
-            rows.append(_gemm_case(t, 1024, 4096, bits, 0, False, t + 1))
+        for t in S["gemm_t"]:
+            rows.append(_gemm_case(t, n, k, bits, 0, fast, t))
+        rows.append(_gemm_case(S["gemm_t"][-1], n, k, bits, 128, fast, 7))
+        rows.append(_gemm_case(S["big_t"], n, k, bits, 128, fast, 8))
+        rows.append(_gemm_case(S["gemm_t"][-1], *S["odd_nk"], bits, 0, fast, 9))  # K, N not tile multiples
+        for t in (1, S["big_t"]):
+            rows.append(_gemm_case(t, n, k, bits, 0, False, t + 1))
     return {"rows": rows, "ok": all(r["ok"] for r in rows)}
 
 
-def _linear_setup(bits, m=17920, out=512, seed=0):
+def _linear_setup(bits, m, out, seed=0):
     import torch
 
     from vllm_qexpand import hadamard, quant
@@ -129,7 +140,7 @@ def _linear_setup(bits, m=17920, out=512, seed=0):
     wq = torch.randint(-8, 8, (out, m), generator=g, dtype=torch.int8)
     ws = torch.rand(out, 1, generator=g) * 0.01 + 1e-3
     rot = (m, hadamard.factor(m)[0], 1)
-    prepared = ops.prepare_weights(quant.pack_int4(wq).cuda(), ws.cuda(), rotation=rot, act_dtype=torch.bfloat16)
+    prepared = ops.prepare_weights(quant.pack_int4(wq).to(DEV), ws.to(DEV), rotation=rot, act_dtype=torch.bfloat16)
     return wq, ws, rot, prepared
 
 
@@ -140,13 +151,14 @@ def step_batch_invariance(ctx):
     from vllm_qexpand.kernels import ops
 
     rows = []
+    n_in, m, out = S["linear"]
     for bits in (4, 8):
-        wq, ws, rot, p = _linear_setup(bits)
-        pool = torch.randn(1100, 14336, device="cuda").to(torch.bfloat16)
+        wq, ws, rot, p = _linear_setup(bits, m, out)
+        pool = torch.randn(S["big_t"], n_in, device=DEV).to(torch.bfloat16)
         tok = pool[5:6]
         alone_q = hq.hadamard_quant(tok, rot[0], rot[1], 1, bits, p["hrow"], p["hcol"])
         alone_y = ops.qexpand_linear_gpu(tok, **p, act_bits=bits, rotation=rot)
-        for t in (7, 64, 1100):
+        for t in (7, S["gemm_t"][-1], S["big_t"]):
             q = hq.hadamard_quant(pool[:t], rot[0], rot[1], 1, bits, p["hrow"], p["hcol"])
             y = ops.qexpand_linear_gpu(pool[:t], **p, act_bits=bits, rotation=rot)
             same = all(torch.equal(a[0], b[5]) for a, b in zip(alone_q, q)) and torch.equal(alone_y[0], y[5])
@@ -162,14 +174,15 @@ def step_tp_amax(ctx):
 
     rows = []
     for bits in (4, 8):
-        wq, ws, rot, p = _linear_setup(bits, m=8960, out=256)
-        x = torch.randn(33, 7168, device="cuda").to(torch.bfloat16)
-        other = torch.rand(33, 1, device="cuda") * 3  # what the other ranks' max could be
+        n_in, m, out = S["tp"]
+        wq, ws, rot, p = _linear_setup(bits, m, out)
+        x = torch.randn(33, n_in, device=DEV).to(torch.bfloat16)
+        other = torch.rand(33, 1, device=DEV) * 3  # what the other ranks' max could be
         y = ops.qexpand_linear_gpu(x, **p, act_bits=bits, rotation=rot, amax_reduce=lambda a: torch.maximum(a, other))
         xr = quant.online_rotate(x.float(), *rot[:2], None, 1)
         amax = torch.maximum(xr.abs().amax(-1, keepdim=True), other)
         q, s = quant.quantize_activation(xr, bits, amax=amax)
-        ref = ((q.double() @ wq.double().t().cuda()) * ws.double().cuda().reshape(1, -1)) * s.double()
+        ref = ((q.double() @ wq.double().t().to(DEV)) * ws.double().to(DEV).reshape(1, -1)) * s.double()
         err = float((y.double() - ref).abs().max() / ref.abs().max())
         rows.append({"bits": bits, "rel_err": err, "ok": err <= 1e-2})
     return {"rows": rows, "ok": all(r["ok"] for r in rows)}
@@ -181,9 +194,10 @@ def step_capture(ctx):
     from vllm_qexpand.kernels import ops
 
     rows = []
+    n_in, m, out = S["linear"]
     for bits in (4, 8):
-        wq, ws, rot, p = _linear_setup(bits)
-        x = torch.randn(16, 14336, device="cuda").to(torch.bfloat16)
+        wq, ws, rot, p = _linear_setup(bits, m, out)
+        x = torch.randn(16, n_in, device="cuda").to(torch.bfloat16)
         eager = ops.qexpand_linear_gpu(x, **p, act_bits=bits, rotation=rot)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

@@ -595,3 +595,30 @@ def test_first_gpu_run_script_on_cpu(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert mod.main(["--out", str(tmp_path / "x.json")]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_signed_nibble_word_trick():
+    """The FAST grouped path's 32-bit arithmetic: ((nibble ^ 8) | ((that & 8) * 30)) per byte is nibble - 8."""
+    b = torch.arange(2**16, dtype=torch.int64)  # all pairs of bytes, in the low 16 bits of a word
+    words = b | (b << 16)
+    for shift, ref in ((0, b & 0xF), (4, (b >> 4) & 0xF)):
+        x = ((words >> shift) & 0x0F0F0F0F) ^ 0x08080808
+        x = (x | ((x & 0x08080808) * 30)) & 0xFFFFFFFF
+        for byte in range(4):
+            got = ((x >> (8 * byte)) & 0xFF).to(torch.uint8).view(torch.int8).long()
+            want = ((words >> (8 * byte + shift)) & 0xF) - 8
+            assert torch.equal(got, want)
+        assert torch.equal(((x & 0xFF).to(torch.uint8).view(torch.int8)).long(), ref - 8)
+
+
+@needs_interpreter
+def test_first_gpu_run_checks_pass_in_the_interpreter():
+    """The first GPU run's checking steps, on CPU with tiny shapes: their logic and thresholds hold."""
+    spec = importlib.util.spec_from_file_location("qexpand_first_gpu_run2", ROOT / "benchmarks" / "first_gpu_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.S, mod.DEV = mod.SMALL, "cpu"
+    for step in (mod.step_hadamard, mod.step_batch_invariance, mod.step_gemm, mod.step_tp_amax):
+        res = step({})
+        assert res["ok"], (step.__name__, [r for r in res["rows"] if not r["ok"]])
+        assert len(res["rows"]) >= 2
