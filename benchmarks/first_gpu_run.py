@@ -17,7 +17,8 @@ short still leaves what it did. Steps, each recorded as {"step", "ok", "seconds"
 5. ``tp_amax``: the two-pass TP path (hadamard_absmax, cross-rank max, hadamard_quant_amax).
 6. ``capture``: ``qexpand_linear_gpu`` under CUDA-graph capture and under ``torch.compile``.
 7. ``jit``: what the JIT actually built: registers, spills, wgmma, per kernel specialization.
-8. ``ratios``: benchmarks/kernels.py rows (CUDA graphs, weights cycled over >= 256 MB) for the
+8. ``configs``: the large-M tile candidates (``CONFIG_CANDIDATES``) timed at 8B down, M = 4096.
+9. ``ratios``: benchmarks/kernels.py rows (CUDA graphs, weights cycled over >= 256 MB) for the
    Llama-3.1-8B o / down / expanded down and Hadamard+quant at 14336 / 17920, as long as the
    budget lasts.
 """
@@ -252,9 +253,57 @@ def step_ratios(ctx):
     return {"rows": out, "ok": True}
 
 
+# large-M tile candidates the static report could not decide between (docs/kernels.md)
+CONFIG_CANDIDATES = [
+    dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=2, split_k=1),  # the default: 81 instr/iter, 171 regs
+    dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4, split_k=1),  # deeper prefetch: 93 instr/iter
+    dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=2, split_k=1),  # 122 regs: several CTAs per SM overlap
+    dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, split_k=1),
+]
+
+
+def step_configs(ctx):
+    """W4A4 / W4A8 at Llama-3.1-8B down (N 4096, K 14336), M = 4096, under each candidate tile."""
+    import importlib.util
+
+    import torch
+
+    from vllm_qexpand.kernels import w4a8_gemm as gm
+
+    spec = importlib.util.spec_from_file_location("qexpand_bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    bk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bk)
+    m, n, k = 4096, 4096, 14336
+    copies = bk.n_copies(n * k // 2)
+    wq = [torch.randint(0, 2**31 - 1, (n, k // 8), device=DEV, dtype=torch.int32) for _ in range(copies)]
+    w = [gm.repack_for_kernel(x) for x in wq]
+    sums = [gm.weight_code_sums(x) for x in wq]
+    ws = torch.rand(n, 1, device=DEV) * 0.01
+    a4 = torch.randint(0, 256, (m, k // 2), device=DEV, dtype=torch.uint8)
+    a8 = torch.randint(-128, 128, (m, k), device=DEV, dtype=torch.int8)
+    asc, asum = torch.rand(m, 1, device=DEV), torch.randint(-1000, 1000, (m,), device=DEV, dtype=torch.int32)
+    rows = []
+    for cfg in CONFIG_CANDIDATES:
+        if time.time() > ctx["deadline"]:
+            break
+        for kernel in ("w4a4", "w4a8"):
+            if kernel == "w4a4":
+                fns = [lambda i=i: gm.w4a4_gemm(a4, asc, asum, w[i], sums[i], ws, 0, torch.bfloat16, config=cfg) for i in range(copies)]
+            else:
+                fns = [lambda i=i: gm.w4a8_gemm(a8, asc, asum, w[i], ws, 0, torch.bfloat16, config=cfg) for i in range(copies)]
+            try:
+                ms = bk.bench_graph(fns)
+                rows.append({"kernel": kernel, "M": m, "N": n, "K": k, "config": cfg, "ms": round(ms, 5),
+                             "tops": round(2 * m * n * k / ms / 1e9, 1)})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"kernel": kernel, "config": cfg, "error": f"{type(e).__name__}: {e}"})
+            ctx["partial"](rows)
+    return {"rows": rows, "ok": True}
+
+
 STEPS = [("env", step_env), ("hadamard_quant", step_hadamard), ("batch_invariance", step_batch_invariance),
          ("gemm", step_gemm), ("tp_amax", step_tp_amax), ("capture", step_capture), ("jit", step_jit),
-         ("ratios", step_ratios)]
+         ("configs", step_configs), ("ratios", step_ratios)]
 
 
 def main(argv=None) -> int:

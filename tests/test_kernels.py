@@ -588,7 +588,7 @@ def test_first_gpu_run_script_on_cpu(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert [s for s, _ in mod.STEPS] == ["env", "hadamard_quant", "batch_invariance", "gemm", "tp_amax", "capture",
-                                         "jit", "ratios"]
+                                         "jit", "configs", "ratios"]
     assert {m for _, m in mod.HADAMARD_SIZES} == {576, 1536, 4096, 8192, 14336, 8960, 10240, 15360, 17920}
     ref = torch.tensor([[0, 1, -2, 3]], dtype=torch.int8)
     assert mod._codes_agree(ref, ref, 8)["ok"] and not mod._codes_agree(ref + 2, ref, 8)["ok"]
