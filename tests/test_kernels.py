@@ -254,9 +254,14 @@ def test_ops_opcheck(bits):
     codes, scale, sums = torch.ops.qexpand.hadamard_quant(x, hrow, hcol, 64, 1, 1, bits)
     _, _, _, wpacked, wscale, bias = _gemm_inputs(3, 16, 64, bits, 0, seed=4)
     w = gm.repack_for_kernel(wpacked)
+    amax = torch.ops.qexpand.hadamard_absmax(x, hrow, hcol, 64, 1, 1)
+    torch.library.opcheck(torch.ops.qexpand.hadamard_absmax.default, (x, hrow, hcol, 64, 1, 1))
+    torch.library.opcheck(torch.ops.qexpand.hadamard_quant_amax.default, (x, hrow, hcol, amax * 2, 64, 1, 1, bits, bits == 8))
     if bits == 8:
         args = (codes, scale, sums, w, wscale, 0, torch.bfloat16, bias)
         torch.library.opcheck(torch.ops.qexpand.w4a8_gemm.default, args)
+        planes = torch.ops.qexpand.hadamard_quant(x, hrow, hcol, 64, 1, 1, bits, True)[0]
+        torch.library.opcheck(torch.ops.qexpand.w4a8_gemm.default, (planes, scale, sums, w, wscale, 0, torch.bfloat16, bias, True))
     else:
         args = (codes, scale, sums, w, gm.weight_code_sums(wpacked), wscale, 0, torch.float32, None)
         torch.library.opcheck(torch.ops.qexpand.w4a4_gemm.default, args)
