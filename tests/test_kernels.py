@@ -627,3 +627,39 @@ def test_first_gpu_run_checks_pass_in_the_interpreter():
         res = step({})
         assert res["ok"], (step.__name__, [r for r in res["rows"] if not r["ok"]])
         assert len(res["rows"]) >= 2
+
+
+@pytest.mark.gpu
+@compiled_gpu
+@pytest.mark.parametrize("t", [17, 40, 64])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [0, 128])
+def test_gpu_w4_gemm_small_m_and_grouped(t, bits, group):
+    """The M 17-64 tile (split-K with the in-kernel reduction) and grouped scales, compiled."""
+    n, k = 1024, 4096
+    a, ascale, asum, wpacked, wscale, bias = _gemm_inputs(t, n, k, bits, group, seed=t + group)
+    ref = gm.w4_gemm_reference(a, ascale, wpacked, wscale, group, torch.float64, bias)
+    w = gm.repack_for_kernel(wpacked.cuda())
+    if bits == 8:
+        y = gm.w4a8_gemm(hq.to_planes(a).cuda(), ascale.cuda(), asum.cuda(), w, wscale.cuda(), group, torch.float32,
+                         bias.cuda(), a_planes=True)
+    else:
+        ap = quant.pack_int4(a).view(torch.uint8).cuda()
+        y = gm.w4a4_gemm(ap, ascale.cuda(), asum.cuda(), w, gm.weight_code_sums(wpacked.cuda()), wscale.cuda(), group,
+                         torch.float32, bias.cuda())
+    assert (y.cpu().double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.gpu
+@compiled_gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_hadamard_quant_many_tokens_and_batch_invariance(bits):
+    """T > 1024 (several tokens per program), plane order, and a token alone == in the batch, compiled."""
+    x = _act(1100, 14336, seed=7).to(torch.bfloat16).cuda()
+    codes, scale, sums = hq.hadamard_quant(x, 17920, 140, 1, bits, planes=bits == 8)
+    ref_codes, ref_scale, _ = hq.hadamard_quant_reference(x.cpu(), 17920, 140, 1, bits)
+    _check_codes(hq.from_planes(codes.cpu()) if bits == 8 else codes.cpu(), ref_codes, bits)
+    torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1e-5, atol=0)
+    alone = hq.hadamard_quant(x[1037:1038], 17920, 140, 1, bits, planes=bits == 8)
+    for a_, b_ in zip(alone, (codes, scale, sums)):
+        assert torch.equal(a_[0], b_[1037])
