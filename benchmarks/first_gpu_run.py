@@ -242,7 +242,7 @@ def step_ratios(ctx):
     spec.loader.exec_module(bk)
 
     rows = [r for r in bk.plan_rows(("8b",), (1, 16, 64, 1024, 4096))
-            if r["_layer"] in ("o", "down", "down_x17920") and r["kernel"] in ("w4a4", "w4a8", "linear_w4a4")]
+            if r["_layer"] in ("o", "down", "down_x17920") and r["kernel"] in ("w4a4", "w4a8", "linear_w4a4", "linear_w4a4_i8")]
     rows += [r for r in bk.plan_rows(("8b",), (16, 8192)) if r["kernel"] == "hadamard_quant4"]
     out = []
     for r in rows:

@@ -12,6 +12,8 @@ expanded down_proj input widths (1B: 8960, 10240, 12288; 8B: 15360, 17920). Rows
 - ``linear_w4a8``, ``linear_w4a4``: ``qexpand_linear_gpu`` (quantization, with the online
   rotation on down_proj, + GEMM), baseline ``cublas_bf16`` of the unexpanded linear
   (input width N_in: for the expanded down_proj rows, the bf16 model's own down_proj);
+  ``linear_w4a4_i8``: the same W4A4 linear with its 4-bit codes stored as int8 through the
+  W4A8 GEMM (``VLLM_QEXPAND_W4A4_CODES=int8``; bit-identical output);
 - ``hadamard_quant8``, ``hadamard_quant4``: the activation kernel for each down_proj input
   (N -> M), baseline ``memcpy`` (copy of the bf16 input).
 
@@ -72,7 +74,7 @@ def plan_rows(models=("1b", "8b"), ms=M_VALUES) -> list[dict]:
     rows = []
     for s in linear_shapes(models):
         for m in ms:
-            for kernel in ("w4a8", "w4a4", "int_mm", "linear_w4a8", "linear_w4a4"):
+            for kernel in ("w4a8", "w4a4", "int_mm", "linear_w4a8", "linear_w4a4", "linear_w4a4_i8"):
                 if kernel == "int_mm" and m <= 16:
                     continue
                 rows.append({"kernel": kernel, "M": m, "N": s["N"], "K": s["K"], "baseline": "cublas_bf16", **_meta(s)})
@@ -236,12 +238,17 @@ def run(rows: list[dict], tune: bool = False, log=print, device: str = "cuda", b
                 ms, cfg = bench(per_copy(lambda i: torch._int_mm(t["a8"], w8[i].t()), len(w8))), None
                 del w8
             else:
-                bits = 8 if kernel.endswith("8") else 4
+                bits = 8 if kernel == "linear_w4a8" else 4
                 size, kk = _rotation(n_in, k, row["_layer"].startswith("down"))
                 x = t["x_in"] if kk else t["x"]
                 rot = (size, kk, 1) if kk else None
                 ps = [ops.prepare_weights(w, s, rotation=rot, act_dtype=torch.bfloat16) for w, s in zip(t["w_packed"], t["w_scale"])]
-                ms = bench(per_copy(lambda i: ops.qexpand_linear_gpu(x, **ps[i], act_bits=bits, rotation=rot), cw))
+                codes_mode = ops.W4A4_CODES
+                ops.W4A4_CODES = "int8" if kernel == "linear_w4a4_i8" else "int4"  # W4A4 codes stored as int8
+                try:
+                    ms = bench(per_copy(lambda i: ops.qexpand_linear_gpu(x, **ps[i], act_bits=bits, rotation=rot), cw))
+                finally:
+                    ops.W4A4_CODES = codes_mode
                 cfg = None
         res = {key: row[key] for key in ("kernel", "M", "N", "K")}
         res.update(ms=round(ms, 5), baseline=row["baseline"], baseline_ms=round(base_ms, 5), ratio=round(base_ms / ms, 3))

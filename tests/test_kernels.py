@@ -328,6 +328,26 @@ def test_linear_tp2_ranks_sum_to_tp1(bits):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("n,rotation,group", [(1536, (1664, 52, 1), 0), (200, None, 0), (1024, (1152, 36, 2), 64)])
+def test_w4a4_int8_codes_path_is_bit_identical(monkeypatch, n, rotation, group):
+    """VLLM_QEXPAND_W4A4_CODES=int8: the 4-bit codes stored one per int8 (plane order where M % 64
+    == 0) through the W4A8 GEMM give exactly the packed-int4 W4A4 path's output."""
+    m = rotation[0] if rotation else n
+    g = _gen(m)
+    wq = torch.randint(-8, 8, (24, m), generator=g, dtype=torch.int8)
+    wscale = torch.rand(24, m // group if group else 1, generator=g) * 0.01 + 1e-3
+    x = _act(5, n, seed=m)
+    prepared = ops.prepare_weights(quant.pack_int4(wq), wscale, rotation=rotation, act_dtype=torch.float32)
+    y4 = ops.qexpand_linear_gpu(x, **prepared, act_bits=4, group_size=group, rotation=rotation)
+    monkeypatch.setattr(ops, "W4A4_CODES", "int8")
+    y8 = ops.qexpand_linear_gpu(x, **prepared, act_bits=4, group_size=group, rotation=rotation)
+    assert torch.equal(y4, y8)
+    codes = hq.hadamard_quant(x, m, rotation[1] if rotation else 0, rotation[2] if rotation else 1, 4, codes_int8=True)[0]
+    packed = hq.hadamard_quant(x, m, rotation[1] if rotation else 0, rotation[2] if rotation else 1, 4)[0]
+    assert codes.dtype == torch.int8 and torch.equal(codes, hq.unpack_activation_int4(packed))
+
+
+@needs_interpreter
 def test_tp_amax_two_pass_kernels_match_reference():
     """hadamard_absmax + hadamard_quant(amax=...) = the reference quantized with the reduced max."""
     x = _act(5, 512, seed=11)
@@ -539,15 +559,17 @@ def test_benchmark_dry_run(capsys):
 def test_benchmark_code_paths_on_cpu():
     bk = _bench_module()
     meta = {"_model": "tiny", "_layer": "down", "_N_in": 48}
-    rows = [{"kernel": kn, "M": 3, "N": 32, "K": 64, "baseline": "cublas_bf16", **meta} for kn in ("w4a4", "linear_w4a8")]
+    rows = [{"kernel": kn, "M": 3, "N": 32, "K": 64, "baseline": "cublas_bf16", **meta}
+            for kn in ("w4a4", "linear_w4a8", "linear_w4a4_i8")]
     rows.append({"kernel": "hadamard_quant4", "M": 3, "N": 48, "K": 64, "baseline": "memcpy", **meta})
     # weights (or, for hadamard_quant, inputs) cycled over >= 256 MB of copies, baselines too
     assert bk.n_copies(32 * 64 // 2) == 64 and bk.n_copies(2**30) == 1 and bk.n_copies(8 * 2**20) == 32
     bk.MAX_COPIES = 3  # tiny shapes would take 64 copies: keep the interpreter's work small
     calls = []
     res = bk.run(rows, log=lambda *_: None, device="cpu", bench=lambda fns: (calls.append(len(fns)), [f() for f in fns], 2.0)[2])
-    assert calls == [3] * 6  # bf16, w4a4; bf16 of the N_in linear, linear_w4a8; hadamard_quant4, memcpy
-    assert [r["kernel"] for r in res] == ["w4a4", "linear_w4a8", "hadamard_quant4"]
+    assert calls == [3] * 7  # bf16, w4a4; bf16 of the N_in linear, linear_w4a8, linear_w4a4_i8; hadamard_quant4, memcpy
+    assert ops.W4A4_CODES == "int4"  # restored after the int8-codes row
+    assert [r["kernel"] for r in res] == ["w4a4", "linear_w4a8", "linear_w4a4_i8", "hadamard_quant4"]
     assert set(res[0]) == {"kernel", "M", "N", "K", "ms", "baseline", "baseline_ms", "ratio"}
 
 

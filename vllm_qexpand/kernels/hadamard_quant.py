@@ -216,11 +216,12 @@ if HAS_TRITON:
         NB: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, P2: tl.constexpr, PB: tl.constexpr,
         ROWS: tl.constexpr, RC: tl.constexpr, ROTATE: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
         SPLIT3: tl.constexpr, BITS: tl.constexpr, WIDE: tl.constexpr, AMAX_MODE: tl.constexpr, FAST: tl.constexpr,
-        PLANES: tl.constexpr,
+        PLANES: tl.constexpr, QBITS: tl.constexpr,
     ):
         # AMAX_MODE 0: quantize with the token's own max; 1: only write that max to amax_ptr (the
         # first pass at TP > 1); 2: quantize with amax_ptr's value (the max over the ranks)
-        QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+        # QBITS: the quantization levels; BITS: how the codes are stored (int4 codes may be stored as int8)
+        QMAX: tl.constexpr = 2 ** (QBITS - 1) - 1
         i = tl.arange(0, ROWS)[:, None]
         j = tl.arange(0, PB)[None, :]
         blk = i // RB
@@ -384,6 +385,7 @@ def plan_launch(
     amax_only: bool = False,
     tile: dict | None = None,
     planes: bool = False,
+    codes_int8: bool = False,
 ):
     """((codes, scale, sums) or (amax,), [(kernel, grid, args, kwargs)]): what :func:`hadamard_quant` launches.
 
@@ -407,8 +409,11 @@ def plan_launch(
         raise ValueError(f"input width {n} does not fit size {size} in {blocks} blocks")
     if bits == 4 and (pl.p2 % 2 or size % 2):
         raise ValueError(f"int4 packing needs an even tile width; size {size}, k {k} gives {pl.p2}")
+    qbits = bits
+    if codes_int8:  # 4-bit levels stored one per int8 (what the W4A8 GEMM multiplies)
+        bits = 8
     if planes and (bits != 8 or size % PLANE):
-        raise ValueError(f"plane order is for bits 8 and sizes divisible by {PLANE}; got bits {bits}, size {size}")
+        raise ValueError(f"plane order is for int8 codes and sizes divisible by {PLANE}; got bits {bits}, size {size}")
     split3 = False
     if pl.rotate:
         if hrow is None or hcol is None:
@@ -454,7 +459,7 @@ def plan_launch(
              ROTATE=pl.rotate, DOT_F32=hcol.dtype == torch.float32,
              PREC="ieee" if interpreting() else "tf32x3", SPLIT3=split3,
              BITS=bits, WIDE=wide, AMAX_MODE=mode, FAST=not interpreting() and torch.version.hip is None,
-             PLANES=planes,
+             PLANES=planes, QBITS=qbits,
              num_warps=(tile or {}).get("num_warps", _num_warps(pl)),
              num_stages=1),  # pipelining the token loop multi-buffers the chunks: > 228 KiB smem at K = 140
     )
@@ -474,6 +479,7 @@ def hadamard_quant(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     amax: torch.Tensor | None = None,
     planes: bool = False,
+    codes_int8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launch: x [T, N] -> (codes, scale float32 [T, 1], sums int32 [T]); see module doc.
 
@@ -483,10 +489,11 @@ def hadamard_quant(
     quantize with this per-token max|y| instead of the token's own (tensor parallelism: the max
     over the ranks, from :func:`hadamard_absmax` on each rank). ``planes`` (bits 8, size % 64
     == 0): codes in plane order (:func:`to_planes`), the order the W4A8 GEMM's
-    ``a_planes=True`` multiplies without permuting its weights.
+    ``a_planes=True`` multiplies without permuting its weights. ``codes_int8`` (bits 4): the
+    4-bit codes stored one per int8 [T, M] (the W4A8 GEMM's input; same values, twice the bytes).
     """
     outs, launches = plan_launch(x, size, k, blocks, bits, hrow, hcol, tokens_per_program=tokens_per_program,
-                                 out=out, amax=amax, planes=planes)
+                                 out=out, amax=amax, planes=planes, codes_int8=codes_int8)
     for kernel, grid, args, kwargs in launches:
         kernel[grid](*args, **kwargs)
     return outs

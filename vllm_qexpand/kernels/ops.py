@@ -4,11 +4,12 @@ Ops (registered with ``torch.library.custom_op`` when Triton is importable, so t
 depend on any vLLM version; each has a fake impl for torch.compile / CUDA-graph tracing):
 
 - ``qexpand::hadamard_quant(Tensor x, Tensor hrow, Tensor hcol, int size, int k, int blocks,
-  int bits, bool planes=False) -> (Tensor codes, Tensor scale, Tensor sums)`` (``planes``: int8
-  codes in the plane order ``w4a8_gemm(..., a_planes=True)`` multiplies without permutes)
+  int bits, bool planes=False, bool codes_int8=False) -> (Tensor codes, Tensor scale, Tensor sums)``
+  (``planes``: int8 codes in the plane order ``w4a8_gemm(..., a_planes=True)`` multiplies without
+  permutes; ``codes_int8``: bits-4 codes stored one per int8)
 - ``qexpand::hadamard_absmax(Tensor x, Tensor hrow, Tensor hcol, int size, int k, int blocks)
   -> Tensor amax`` and ``qexpand::hadamard_quant_amax(Tensor x, Tensor hrow, Tensor hcol,
-  Tensor amax, int size, int k, int blocks, int bits, bool planes=False) -> (codes, scale, sums)``: the two passes
+  Tensor amax, int size, int k, int blocks, int bits, bool planes=False, bool codes_int8=False) -> (codes, scale, sums)``: the two passes
   at tensor parallelism > 1 (the per-token max is reduced across ranks in between)
 - ``qexpand::w4a8_gemm(Tensor a, Tensor a_scale, Tensor a_sum, Tensor weight,
   Tensor weight_scale, int group_size, ScalarType out_dtype, Tensor? bias, bool a_planes=False) -> Tensor``
@@ -22,6 +23,7 @@ import) also for CPU, which is how the CPU tests run them.
 The plugin calls :func:`prepare_weights` once per layer (``process_weights_after_loading``)
 and :func:`qexpand_linear_gpu` in ``apply`` with those tensors as keyword arguments.
 """
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -31,6 +33,11 @@ from .hadamard_quant import hadamard_operands, output_shapes
 from .w4a8_gemm import repack_for_kernel, weight_code_sums
 
 OPS_REGISTERED = False
+
+# W4A4 activation codes between the two kernels: "int4" (packed, the W4A4 GEMM) or "int8" (the same
+# 4-bit codes one per byte, in plane order, through the W4A8 GEMM: 118 instead of 171 registers on
+# the large tile, twice the activation bytes; bit-identical output). Untimed: the first GPU run decides.
+W4A4_CODES = os.environ.get("VLLM_QEXPAND_W4A4_CODES", "int4")
 
 _OPERANDS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -123,16 +130,19 @@ def qexpand_linear_gpu(
             hrow, hcol = rotation_operands(rotation, x.dtype, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    # W4A8: int8 codes in plane order, which the GEMM multiplies with its nibble planes as they are
-    planes = act_bits == 8 and size % 64 == 0 and group_size % 64 == 0
+    # int8 codes (W4A8, or W4A4 with W4A4_CODES = "int8") go in plane order, which the W4A8 GEMM
+    # multiplies with its weight nibble planes as they are
+    int8_codes = act_bits == 8 or W4A4_CODES == "int8"
+    planes = int8_codes and size % 64 == 0 and group_size % 64 == 0
     if amax_reduce is None:
-        codes, scale, sums = torch.ops.qexpand.hadamard_quant(x2, hrow, hcol, size, k, blocks, act_bits, planes)
+        codes, scale, sums = torch.ops.qexpand.hadamard_quant(x2, hrow, hcol, size, k, blocks, act_bits, planes,
+                                                              int8_codes)
     else:  # two passes of the fused kernel around the cross-rank max (the rotation is recomputed)
         local = torch.ops.qexpand.hadamard_absmax(x2, hrow, hcol, size, k, blocks)
         amax = amax_reduce(local)
         codes, scale, sums = torch.ops.qexpand.hadamard_quant_amax(x2, hrow, hcol, amax, size, k, blocks, act_bits,
-                                                                   planes)
-    if act_bits == 8:
+                                                                   planes, int8_codes)
+    if int8_codes:
         y = torch.ops.qexpand.w4a8_gemm(codes, scale, sums, weight, weight_scale, group_size, x.dtype, bias, planes)
     else:
         y = torch.ops.qexpand.w4a4_gemm(codes, scale, sums, weight, weight_sums, weight_scale, group_size, x.dtype, bias)
@@ -148,12 +158,14 @@ def _register() -> None:
     @torch.library.custom_op("qexpand::hadamard_quant", mutates_args=(), device_types=devices)
     def hadamard_quant(
         x: torch.Tensor, hrow: torch.Tensor, hcol: torch.Tensor, size: int, k: int, blocks: int, bits: int,
-        planes: bool = False,
+        planes: bool = False, codes_int8: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None, planes=planes)
+        return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None, planes=planes,
+                                 codes_int8=codes_int8)
 
     @hadamard_quant.register_fake
-    def _(x, hrow, hcol, size, k, blocks, bits, planes=False):
+    def _(x, hrow, hcol, size, k, blocks, bits, planes=False, codes_int8=False):
+        bits = 8 if codes_int8 else bits
         codes, scale, sums = output_shapes(x.shape[0], size, bits)
         return (
             x.new_empty(codes, dtype=torch.int8 if bits == 8 else torch.uint8),
@@ -174,13 +186,14 @@ def _register() -> None:
     @torch.library.custom_op("qexpand::hadamard_quant_amax", mutates_args=(), device_types=devices)
     def hadamard_quant_amax(
         x: torch.Tensor, hrow: torch.Tensor, hcol: torch.Tensor, amax: torch.Tensor, size: int, k: int, blocks: int,
-        bits: int, planes: bool = False,
+        bits: int, planes: bool = False, codes_int8: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None, amax=amax,
-                                 planes=planes)
+                                 planes=planes, codes_int8=codes_int8)
 
     @hadamard_quant_amax.register_fake
-    def _(x, hrow, hcol, amax, size, k, blocks, bits, planes=False):
+    def _(x, hrow, hcol, amax, size, k, blocks, bits, planes=False, codes_int8=False):
+        bits = 8 if codes_int8 else bits
         codes, scale, sums = output_shapes(x.shape[0], size, bits)
         return (
             x.new_empty(codes, dtype=torch.int8 if bits == 8 else torch.uint8),
