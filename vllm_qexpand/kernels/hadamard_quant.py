@@ -1,11 +1,16 @@
 """Fused online rotation + per-token activation quantization (Triton), and its torch reference.
 
-One program handles ``tokens`` consecutive tokens. For each token it
+One program handles up to ``tokens`` consecutive tokens (a runtime trip count: every token
+runs the same code whatever T is, so its result does not depend on the batch). For each token it
 
 1. loads the N inputs into a 2-D tile, zero-padding to M (expansion),
 2. applies T_M (``hadamard.hadamard_transform``) as two chained small matmuls,
-3. computes the per-token scale absmax / qmax, rounds half to even, clamps,
-4. stores the codes, the scale (float32 [T, 1]) and the code sum (int32 [T]).
+3. computes the per-token scale absmax / qmax and one reciprocal, rounds half to even,
+4. stores the codes (32-bit stores where a tile row holds whole words), the scale
+   (float32 [T, 1]) and the code sum (int32 [T]).
+
+At tensor parallelism > 1 the kernel runs twice: ``hadamard_absmax`` (the max only), then,
+after the cross-rank max, ``hadamard_quant(..., amax=...)``.
 
 Tile layout. Per rotation block of m = M/B values, m = K·P with P = P1·P2 (P2 a power
 of two picked near sqrt(m)). The block is viewed as a (K·P1) × P2 row-major matrix V and
@@ -14,22 +19,26 @@ H_P = H_P1 ⊗ H_P2). The tile has RB ≥ K·P1 rows per block (a power of two) 
 columns (≥ 16, the smallest ``tl.dot`` size); the B blocks are stacked vertically and A
 becomes the block-diagonal ``hrow`` ([ROWS, ROWS], zero padded). ``hcol`` is C padded to
 [PB, PB]. Both are ±1 matrices built once per layer by :func:`hadamard_operands`. The
-kernel walks V in chunks of RC = min(ROWS, 32) rows: U_c = V_c · C, Y += A[:, c] · U_c, so only an
-[RC, PB] slice of the input and an [ROWS, RC] slice of A are live at a time (A for K = 140
-is 256 × 256); chunks made only of padding rows are skipped at compile time.
+kernel walks V in chunks of RC rows (``_tile``: the whole tile for 128 x 128 tiles, else 32):
+U_c = V_c · C, Y += A[:, c] · U_c, so only an [RC, PB] slice of the input and an [ROWS, RC]
+slice of A are live at a time (A for K = 140 is 256 × 256); chunks made only of padding rows
+are skipped at compile time.
 
 Without a rotation (``k = 0``) the same tile just holds the row (zero-padded to M).
 
-Codes. ``bits = 8``: int8 [T, M]. ``bits = 4``: uint8 [T, M/2], two codes per byte stored
-as value+8, the low nibble holding the even input: exactly the checkpoint weight packing
-read as bytes (``quant.pack_int4(q).view(torch.uint8)``). The code sum is the signed sum
-of the codes (not of value+8) over the M outputs.
+Codes. ``bits = 8``: int8 [T, M], in input order or (``planes=True``) in plane order
+(:func:`to_planes`). ``bits = 4``: uint8 [T, M/2], two codes per byte stored as value+8, the
+low nibble holding the even input: exactly the checkpoint weight packing read as bytes
+(``quant.pack_int4(q).view(torch.uint8)``); or, with ``codes_int8``, one 4-bit code per int8.
+The code sum is the signed sum of the codes (not of value+8) over the M outputs.
 
 Precision. The first matmul sees the input dtype (bf16/fp16 products with ±1 are exact,
-accumulation in fp32); the second multiplies fp32 partial sums, run as ``tf32x3`` on GPU
-(about 22 mantissa bits, as ±1 is exact in tf32) and as plain fp32 in the interpreter.
-Division is IEEE (``div_rn``) and rounding is round-half-to-even, so codes match the
-torch reference except where a value lies within float rounding of a .5 boundary.
+accumulation in fp32). On GPU the second splits the fp32 partial sums exactly into three bf16
+parts and multiplies each by the ±1 matrix in bf16 (exact products, fp32 sums); fp32 inputs
+use ``tf32x3`` and the interpreter plain fp32. The scale is IEEE (``div_rn``), the values are
+multiplied by one reciprocal per token and rounded half to even, so codes match the torch
+reference's ``round(y / scale)`` except where a value lies within float rounding of a .5
+boundary.
 """
 from __future__ import annotations
 

@@ -7,13 +7,18 @@ byte, the low nibble for the even input. This is the checkpoint's int32 packing 
 little-endian bytes, so the repack is a contiguous byte view; it stays the single hook for
 a later fragment-ordered layout. Rows are K-contiguous, the operand order int8 wgmma wants.
 
-Activations: W4A8 takes int8 codes [T, K]; W4A4 takes the ``hadamard_quant`` bits=4 output,
-uint8 [T, K/2] in the same nibble layout as the weights.
+Activations: W4A8 takes int8 codes [T, K], in input order or (``a_planes=True``, K % 64 == 0)
+in plane order (``hadamard_quant.to_planes``: per 64 inputs the 32 even ones, then the 32 odd
+ones); W4A4 takes the ``hadamard_quant`` bits=4 output, uint8 [T, K/2] in the same nibble
+layout as the weights.
 
-Main loop: a [BN, BK/2] byte tile is unpacked to [BN, BK] int8 values 0..15 (low and high
-nibbles interleaved back into k order) and fed to an int8 ``tl.dot`` with int32 accumulation.
-The zero points are removed once, in the epilogue, with the per-token code sums Σa from
-``hadamard_quant`` and the per-channel weight code sums Σw from ``weight_code_sums``:
+Main loop: a [BN, BK/2] weight byte tile is split into its low and high nibble planes (values
+0..15, inputs 2j and 2j + 1 of byte j) and each plane meets the matching activation plane in
+an int8 ``tl.dot`` with int32 accumulation: W4A4 splits its activation bytes the same way, W4A8
+reads the two halves of each plane-ordered 64-block; nothing is permuted. Only W4A8 with
+input-order codes interleaves the weight planes back into k order. The zero points are
+removed once, in the epilogue, with the per-token code sums Σa from ``hadamard_quant`` and the
+per-channel weight code sums Σw from ``weight_code_sums``:
 
 - W4A8: Σ a·(w+8) = Σ a·w + 8·Σa,
 - W4A4: Σ (a+8)·(w+8) = Σ a·w + 8·Σa + 8·Σw + 64·K.
@@ -28,8 +33,11 @@ per call) adds the partials in slice order and applies the epilogue: one GEMM la
 counters' memset, and the same bits as without split-K.
 
 Grouped weight scales (``group_size`` > 0, a multiple of BK): codes are made signed in
-registers and each K tile's int32 dot is scaled by its group's scale into a float32
-accumulator (no epilogue correction, no split-K).
+registers, each group's exact int32 sum is scaled by its scale and the groups are added in
+order into a float32 accumulator (no epilogue correction, no split-K).
+
+The configuration (``_CONFIGS``, ``default_config``) is chosen in one place,
+:func:`plan_launches`, which both the launch and the static report (``kernels/aot.py``) use.
 """
 from __future__ import annotations
 
