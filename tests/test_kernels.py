@@ -396,10 +396,10 @@ def test_tp_fallback_stays_on_the_input_device():
 @needs_interpreter
 def test_token_result_does_not_depend_on_the_batch():
     """Issue 17: a token's codes, scale, code sum and GEMM output row are bit-identical alone and
-    in batches of T = 1, 7, 64, 130 under every tokens-per-program and GEMM tile configuration."""
+    in batches of T = 1, 7, 40 under several tokens-per-program and GEMM tile configurations."""
     n, m, k, out = 448, 512, 1, 48
     rotation = (512, 1, 1)
-    pool = _act(130, n, seed=21)
+    pool = _act(40, n, seed=21)
     g = _gen(22)
     wq = torch.randint(-8, 8, (out, m), generator=g, dtype=torch.int8)
     wscale = torch.rand(out, 1, generator=g) * 0.01 + 1e-3
@@ -407,7 +407,7 @@ def test_token_result_does_not_depend_on_the_batch():
     tok = pool[3:4]
     for bits in (4, 8):
         alone = hq.hadamard_quant(tok, m, k, 1, bits)
-        for t, tokens in [(1, None), (7, 2), (64, None), (64, 4), (130, 3)]:
+        for t, tokens in [(1, None), (7, 2), (40, None), (40, 3)]:
             batch = pool[:t].clone()
             batch[min(3, t - 1)] = tok[0]
             i = min(3, t - 1)
@@ -418,9 +418,9 @@ def test_token_result_does_not_depend_on_the_batch():
         codes, scale, sums = alone
         ws = prepared["weight_sums"]
         ref = None
-        for cfg in [None, dict(BM=16, BN=32, BK=64, split_k=4), dict(BM=64, BN=64, BK=128, split_k=1),
-                    dict(BM=32, BN=16, BK=256, split_k=2)]:
-            big_c, big_s, big_sum = (torch.cat([c.expand(*((40,) + c.shape[1:])), hq.hadamard_quant(pool[:24], m, k, 1, bits)[j]])
+        others = hq.hadamard_quant(pool[:12], m, k, 1, bits)
+        for cfg in [None, dict(BM=16, BN=32, BK=64, split_k=4), dict(BM=32, BN=16, BK=256, split_k=2)]:
+            big_c, big_s, big_sum = (torch.cat([c.expand(*((40,) + c.shape[1:])), others[j]])
                                      for j, c in enumerate((codes, scale, sums)))
             if bits == 8:
                 y1 = gm.w4a8_gemm(codes, scale, sums, prepared["weight"], wscale, 0, torch.float32, config=cfg)

@@ -7,7 +7,8 @@
   W4A4 share the kernel).
 - ``ops``: the ``torch.ops.qexpand.*`` custom ops (with fake impls) and
   ``qexpand_linear_gpu``, the entry point the plugin calls on GPU.
-- ``aot``: compiles the kernels for a CUDA target without a GPU (CI check).
+- ``aot``: compiles the dispatch's launches for sm_90a without a GPU, as the JIT would, and reads
+  their SASS (the static report, ``benchmarks/kernel_sass.py``; a quick subset runs in CI).
 
 Layouts and how to run the benchmark: docs/kernels.md.
 
