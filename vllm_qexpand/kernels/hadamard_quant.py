@@ -218,7 +218,7 @@ if HAS_TRITON:
             lo, hi = tl.split(e | (o << 8))
             return lo | (hi << 16)
 
-    @triton.jit(do_not_specialize=["TOK"])
+    @triton.jit(do_not_specialize=["T", "TOK"])  # one compiled kernel for every T (no T = 1 variant)
     def _hadamard_quant_kernel(
         x_ptr, hrow_ptr, hcol_ptr, q_ptr, scale_ptr, sum_ptr, amax_ptr,
         T, TOK, N_BLK, M_BLK, stride_x, stride_q, inv_sqrt,
