@@ -77,6 +77,8 @@ def step_hadamard(ctx):
 
     rows = []
     for n, m in S["hadamard_sizes"]:
+        if time.time() > ctx.get("deadline", float("inf")):
+            return {"rows": rows, "ok": False, "cut_short": "budget spent"}
         k = hadamard.factor(m)[0]
         for bits in (4, 8):
             for t in S["hq_tokens"]:
@@ -339,6 +341,11 @@ def main(argv=None) -> int:
         s = time.time()
         entry = {"step": name_}
         doc["steps"].append(entry)
+        if s > ctx["deadline"] and name_ != "env":  # never run past the budget (the GPU lease is short)
+            entry.update(ok=False, skipped=f"budget of {args.budget:.0f} s spent")
+            write()
+            print(f"{name_}: skipped (budget spent)", flush=True)
+            continue
         ctx["partial"] = lambda rows, entry=entry: (entry.update(rows=rows, partial=True), write())
         try:
             entry.update(fn(ctx))
