@@ -21,7 +21,7 @@ ratio = baseline_ms / ms (> 1: the kernel is faster).
 
 Timing (:func:`bench_graph`): every row, kernel and baseline alike, is one CUDA graph that
 calls the operation once per copy of its weights (or, for the weight-free rows, of its input),
-with enough copies (>= 256 MB, at most 64) that nothing stays in the 50 MB L2; a replay is
+with enough copies (>= 256 MB, at most 128) that nothing stays in the 50 MB L2; a replay is
 timed with CUDA events and divided by the number of calls (median of 20 replays). So launch
 overhead is what a graph-captured model pays, and weights come from HBM as in a real forward.
 """
@@ -105,11 +105,11 @@ def _device_slug(name: str) -> str:
 
 
 L2_FLUSH_BYTES = 256 * 2**20
-MAX_COPIES = 64
+MAX_COPIES = 128
 
 
 def n_copies(nbytes: int) -> int:
-    """How many copies of an operand of ``nbytes`` make >= 256 MB (1 to 64)."""
+    """How many copies of an operand of ``nbytes`` make >= 256 MB (1 to 128)."""
     return max(1, min(MAX_COPIES, -(-L2_FLUSH_BYTES // max(1, nbytes))))
 
 

@@ -563,8 +563,8 @@ def test_benchmark_code_paths_on_cpu():
             for kn in ("w4a4", "linear_w4a8", "linear_w4a4_i8")]
     rows.append({"kernel": "hadamard_quant4", "M": 3, "N": 48, "K": 64, "baseline": "memcpy", **meta})
     # weights (or, for hadamard_quant, inputs) cycled over >= 256 MB of copies, baselines too
-    assert bk.n_copies(32 * 64 // 2) == 64 and bk.n_copies(2**30) == 1 and bk.n_copies(8 * 2**20) == 32
-    bk.MAX_COPIES = 3  # tiny shapes would take 64 copies: keep the interpreter's work small
+    assert bk.n_copies(32 * 64 // 2) == 128 and bk.n_copies(2**30) == 1 and bk.n_copies(8 * 2**20) == 32
+    bk.MAX_COPIES = 3  # tiny shapes would take 128 copies: keep the interpreter's work small
     calls = []
     res = bk.run(rows, log=lambda *_: None, device="cpu", bench=lambda fns: (calls.append(len(fns)), [f() for f in fns], 2.0)[2])
     assert calls == [3] * 7  # bf16, w4a4; bf16 of the N_in linear, linear_w4a8, linear_w4a4_i8; hadamard_quant4, memcpy
