@@ -8,8 +8,9 @@ short still leaves what it did. Steps, each recorded as {"step", "ok", "seconds"
 
 1. ``env``: device, SMs, torch / Triton versions.
 2. ``hadamard_quant``: every planned size (576, 1536, 4096, 8192, 14336 and the expanded 8960,
-   10240, 15360, 17920), bits 4 and 8, T = 1, 257 and 1100 (> 1024: several tokens per
-   program), codes vs ``hadamard_quant_reference`` (>= 99.9 % equal, the rest +-1), scales.
+   10240, 15360, 17920), bits 4 and 8 (plane order, as the W4A8 linear runs it), T = 1, 257 and
+   1100 (> 1024: several tokens per program), codes vs ``hadamard_quant_reference`` (>= 99.9 %
+   equal, the rest +-1), scales.
 3. ``batch_invariance``: a token's codes / scale / sums / GEMM row alone and inside batches of
    T = 7, 64, 1100, bit for bit.
 4. ``gemm``: W4A8 and W4A4, decode (M = 1, split-K), M = 17..64, large (M = 1100), grouped
@@ -83,7 +84,9 @@ def step_hadamard(ctx):
         for bits in (4, 8):
             for t in S["hq_tokens"]:
                 x = (torch.randn(t, n, device=DEV) * (torch.rand(t, 1, device=DEV) * 4 + 0.1)).to(torch.bfloat16)
-                codes, scale, sums = hq.hadamard_quant(x, m, k, 1, bits)
+                planes = bits == 8 and m % 64 == 0  # as qexpand_linear_gpu runs W4A8
+                codes, scale, sums = hq.hadamard_quant(x, m, k, 1, bits, planes=planes)
+                codes = hq.from_planes(codes) if planes else codes
                 rc, rs, _ = hq.hadamard_quant_reference(x, m, k, 1, bits)
                 agree = _codes_agree(codes, rc, bits)
                 sdiff = float(((scale - rs).abs() / rs).max())
