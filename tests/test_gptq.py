@@ -74,3 +74,31 @@ def test_saliency_needs_calibration_text(tmp_path):
     calib.write_text(TEXT * 8)
     r = convert(src, tmp_path / "x", Options(saliency="act", calib=calib, calib_samples=2, calib_len=64, progress=False))
     assert len(r["layers"]) == 14
+
+
+def _gptq_hessians(tmp_path, monkeypatch, src, calib, **opts):
+    """The Hessian every gptq_quantize call got, in call order (q, k, v, o, gate, up, down per layer)."""
+    from vllm_qexpand.converters import quantize
+
+    seen = []
+    monkeypatch.setattr(quantize, "gptq_quantize",
+                        lambda w, h, *a, **k: seen.append(h.clone()) or gptq_quantize(w, h, *a, **k))
+    name = "seq" if opts.get("sequential") else "par"
+    report = convert(src, tmp_path / name, Options(scheme="w4a4", gptq=True, calib=calib, calib_samples=4, calib_len=64,
+                                                   progress=False, **opts))
+    return seen, report
+
+
+def test_sequential_gptq_takes_o_and_down_hessians_from_the_quantized_layer(tmp_path, monkeypatch):
+    src = make_tiny_llama(tmp_path / "src", hidden=64, intermediate=192)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT * 8)
+    par, _ = _gptq_hessians(tmp_path, monkeypatch, src, calib, sequential=False)
+    seq, report = _gptq_hessians(tmp_path, monkeypatch, src, calib, sequential=True)
+    assert len(par) == len(seq) == 14 and "sequential in-layer" in report["recipe"]
+    q, k, v, o, gate, up, down = range(7)
+    for i in (q, k, v):  # layer 0's q/k/v read the same float input either way
+        assert torch.equal(par[i], seq[i])
+    for i in (o, gate, up, down):  # o_proj sees quantized q/k/v, gate/up the quantized attention, down quantized gate/up
+        rel = ((par[i] - seq[i]).norm() / par[i].norm()).item()
+        assert rel > 1e-4, (i, rel)

@@ -13,6 +13,8 @@ block-sequential like the rest.
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 
 import torch
 
@@ -25,10 +27,40 @@ _LAYERS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 SALIENCY = ("none", "act", "fisher")
 
 
+BUILTIN_CALIB = "built-in: Jane Austen's Emma and Mansfield Park (eval.data.CALIBRATION_BOOKS)"
+
+
+def builtin_calibration_file() -> Path:
+    """The built-in calibration text as a file in the data cache (made once): the calibration books
+    of eval/data.py (Debian's r-cran-janeaustenr; never the evaluation book)."""
+    from ..eval.data import calibration_text, default_cache_dir
+
+    path = default_cache_dir() / "austen" / "calibration-books.txt"
+    if not path.is_file():
+        try:
+            text = calibration_text()
+        except Exception as e:  # no apt / no network: say what to do instead
+            raise ConvertError(f"the built-in calibration text is not available ({e}); pass --calib FILE "
+                               "(any plain text in the model's language) or --rtn") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.rename(path)
+    return path
+
+
 def setup(state: ModelState) -> None:
     o = state.options
     if o.saliency not in SALIENCY:
         raise ConvertError(f"--saliency {o.saliency!r}: choose one of {', '.join(SALIENCY)}")
+    needs = o.gptq or o.saliency != "none" or o.refine != "none" or o.expand_budget is not None
+    if o.calib is None and o.calib_builtin and needs and o.scheme != "none":
+        o.calib = builtin_calibration_file()
+        state.report["calibration"] = {"text": BUILTIN_CALIB, "file": str(o.calib)}
+    elif o.calib is not None and needs:
+        state.report["calibration"] = {"text": str(o.calib)}
+    if "calibration" in state.report:
+        state.report["calibration"].update(windows=o.calib_samples, tokens_per_window=o.calib_len)
     # --saliency fisher alone needs no Hessians: converters/fisher.py tokenizes for itself
     if not (o.gptq or o.saliency == "act" or o.refine != "none"):
         return
@@ -74,7 +106,7 @@ def embed(state: ModelState, part: Part) -> None:
         state.calib_x = part.tensors["model.embed_tokens.weight"][state.calib_ids].float()
 
 
-def _run(state: ModelState, part: Part, weights: dict, capture: dict | None) -> torch.Tensor:
+def _run(state: ModelState, part: Part, weights: dict, capture: dict | None, only: set | None = None) -> torch.Tensor:
     from ..eval.reference import QLinear
 
     if state.calib_layer is None:
@@ -85,7 +117,7 @@ def _run(state: ModelState, part: Part, weights: dict, capture: dict | None) -> 
     for name in linear_names(part.layer):
         spec = state.online.get(name)
         ql = QLinear(weights[name], t.get(f"{name}.bias"), None, spec.rotation if spec else None)
-        if capture is not None:
+        if capture is not None and (only is None or name in only):
             ql.register_forward_pre_hook(lambda m, args, name=name: capture.setdefault(name, []).append(args[0]))
         parent, attr = name[len(pre):].rsplit(".", 1)
         setattr(layer.get_submodule(parent), attr, ql)
@@ -101,12 +133,27 @@ def _run(state: ModelState, part: Part, weights: dict, capture: dict | None) -> 
 def collect(state: ModelState, part: Part) -> None:
     if state.calib_x is None or part.layer is None:
         return
-    captured: dict = {}
+    if state.options.gptq and state.options.sequential:
+        return  # quantize asks for each group's Hessians in turn (capture_hessians)
     weights = {n: part.tensors[f"{n}.weight"].float() for n in linear_names(part.layer)}
-    _run(state, part, weights, captured)
+    capture_hessians(state, part, weights, linear_names(part.layer))
+
+
+def capture_hessians(state: ModelState, part: Part, weights: dict, names) -> None:
+    """Run the layer with `weights` (float activations) and store, for each linear in `names`, the
+    Hessian 2XᵀX/n of its actual input in part.hessians (and the held-out windows' in part.heldout)."""
+    captured: dict = {}
+    _run(state, part, weights, captured, only=set(names))
+    seen: dict = {}  # q/k/v (and gate/up) read the very same tensor: one Hessian for them
     for name, xs in captured.items():
-        x = torch.cat([a.reshape(-1, a.shape[-1]) for a in xs])
         spec = state.online.get(name)
+        key = (tuple(a.data_ptr() for a in xs), spec)
+        if key in seen:
+            part.hessians[name] = seen[key][0]
+            if seen[key][1] is not None:
+                part.heldout[name] = seen[key][1]
+            continue
+        x = torch.cat([a.reshape(-1, a.shape[-1]) for a in xs])
         if spec:
             from ..quant import online_rotate
 
@@ -114,6 +161,7 @@ def collect(state: ModelState, part: Part) -> None:
         part.hessians[name] = hessian(x)
         if state.calib_heldout:  # --refine: the last windows are held out (rows are window-major)
             part.heldout[name] = hessian(x[x.shape[0] - x.shape[0] * state.calib_heldout // state.options.calib_samples:])
+        seen[key] = (part.hessians[name], part.heldout.get(name))
 
 
 def propagate(state: ModelState, part: Part) -> None:

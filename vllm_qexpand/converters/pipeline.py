@@ -78,6 +78,7 @@ def convert(src: str | Path, dst: str | Path, options: Options | None = None) ->
         report = {
             "source": str(src),
             "scheme": options.scheme,
+            "recipe": recipe(options),
             "r1": state.r1,
             "r2": state.r2,
             "online": {k: v.to_dict() for k, v in state.online.items()},
@@ -95,6 +96,27 @@ def convert(src: str | Path, dst: str | Path, options: Options | None = None) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def recipe(o: Options) -> str:
+    """One line naming what the conversion did (printed by the CLI, stored in the report)."""
+    if o.scheme == "none":
+        return "no quantization (rotated, expanded float weights)"
+    parts = [f"{o.scheme}", f"clip {o.clip}"]
+    if o.gptq:
+        parts.append(f"GPTQ ({'act-order, ' if o.act_order else ''}{o.damp:g} damping, "
+                     f"{'sequential in-layer' if o.sequential else 'float-layer Hessians'})")
+    else:
+        data_free = o.saliency == "none" and o.refine == "none" and o.expand_budget is None
+        parts.append("round-to-nearest (data-free)" if data_free else "round-to-nearest")
+    if o.saliency != "none":
+        parts.append(f"saliency {o.saliency}")
+    if o.refine != "none":
+        parts.append(f"refine {o.refine}")
+    if o.calib is not None:
+        parts.append(f"calibration {o.calib_samples}x{o.calib_len} tokens of "
+                     + ("the built-in text" if o.calib_builtin and o.calib.name == "calibration-books.txt" else str(o.calib)))
+    return ", ".join(parts)
 
 
 __all__ = ["convert", "ConvertError", "Options"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..format import SCHEMES, linear_names
-from ..quant import dequantize_weight, pack_int4, quantize_weight
+from ..quant import dequantize_weight, pack_int4, quantize_weight, unpack_int4
 from . import fisher, refine
 from .clip import choose_scale
 from .gptq import gptq_quantize
@@ -69,30 +69,52 @@ def _input_widths(state: ModelState):
             yield name, spec.size if spec else widths[name.rsplit(".", 1)[1]]
 
 
+# --sequential: the groups of a layer quantized one after another, each group's Hessians taken
+# from the layer with the earlier groups already quantized (Brevitas's block-sequential GPTQ)
+SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
 def apply(state: ModelState, part: Part) -> None:
     if part.layer is None or state.options.scheme == "none":
         return
-    g = state.group_size
     fisher_imp = fisher.layer_importance(state, part.layer) if state.options.saliency == "fisher" else {}
-    for name in linear_names(part.layer):
-        w = part.tensors.pop(f"{name}.weight").float()
-        o = state.options
-        h = part.hessians.pop(name, None)
-        held = part.heldout.pop(name, None)
-        importance = torch.diagonal(h) if h is not None and o.saliency == "act" else fisher_imp.pop(name, None)
-        wq, info = w, None
-        if o.refine != "none" and h is not None and held is not None:
-            wq, info = refine.apply(state, w, h, held, importance)  # W' (or W if the held-out check rejects it)
-        scale = choose_scale(wq, g, o.clip, importance)
-        if h is not None and o.gptq:
-            q = gptq_quantize(wq, h, scale, g, act_order=o.act_order, damp=o.damp)
-        else:
-            q = quantize_weight(wq, scale, g)
-        err = (dequantize_weight(q, scale, g) - w).norm() / w.norm().clamp_min(1e-30)
-        part.tensors[f"{name}.weight_packed"] = pack_int4(q)
-        part.tensors[f"{name}.weight_scale"] = scale
-        entry = {"name": name, "out_features": w.shape[0], "in_features": w.shape[1],
-                 "rel_weight_error": round(err.item(), 6)}  # against W, also when W' was quantized
-        if info is not None:
-            entry["refine"] = info
-        state.report["layers"].append(entry)
+    names = linear_names(part.layer)
+    if not (state.options.sequential and state.options.gptq and state.calib_x is not None):
+        for name in names:
+            _quantize_linear(state, part, name, fisher_imp)
+        return
+    from .calibrate import capture_hessians
+
+    weights = {n: part.tensors[f"{n}.weight"].float() for n in names}
+    for group in SEQUENTIAL_GROUPS:
+        members = [n for n in names if n.rsplit(".", 1)[1] in group]
+        capture_hessians(state, part, weights, members)
+        for name in members:
+            _quantize_linear(state, part, name, fisher_imp)
+            t = part.tensors
+            weights[name] = dequantize_weight(unpack_int4(t[f"{name}.weight_packed"]), t[f"{name}.weight_scale"], state.group_size)
+
+
+def _quantize_linear(state: ModelState, part: Part, name: str, fisher_imp: dict) -> None:
+    g = state.group_size
+    w = part.tensors.pop(f"{name}.weight").float()
+    o = state.options
+    h = part.hessians.pop(name, None)
+    held = part.heldout.pop(name, None)
+    importance = torch.diagonal(h) if h is not None and o.saliency == "act" else fisher_imp.pop(name, None)
+    wq, info = w, None
+    if o.refine != "none" and h is not None and held is not None:
+        wq, info = refine.apply(state, w, h, held, importance)  # W' (or W if the held-out check rejects it)
+    scale = choose_scale(wq, g, o.clip, importance)
+    if h is not None and o.gptq:
+        q = gptq_quantize(wq, h, scale, g, act_order=o.act_order, damp=o.damp)
+    else:
+        q = quantize_weight(wq, scale, g)
+    err = (dequantize_weight(q, scale, g) - w).norm() / w.norm().clamp_min(1e-30)
+    part.tensors[f"{name}.weight_packed"] = pack_int4(q)
+    part.tensors[f"{name}.weight_scale"] = scale
+    entry = {"name": name, "out_features": w.shape[0], "in_features": w.shape[1],
+             "rel_weight_error": round(err.item(), 6)}  # against W, also when W' was quantized
+    if info is not None:
+        entry["refine"] = info
+    state.report["layers"].append(entry)
