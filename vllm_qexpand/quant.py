@@ -60,14 +60,14 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     if k % PACK:
         raise ValueError(f"input size {k} is not a multiple of {PACK}")
     u = (q.to(torch.int64) + 8).reshape(out, k // PACK, PACK)
-    word = (u << torch.arange(0, 32, 4, dtype=torch.int64)).sum(dim=-1)  # 0 .. 2^32-1
+    word = (u << torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)).sum(dim=-1)  # 0 .. 2^32-1
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_int4: [out, in/8] int32 -> [out, in] int8 codes in [-8, 7]."""
     out, w = packed.shape
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     u = (packed.unsqueeze(-1) >> shifts) & 0xF
     return (u - 8).reshape(out, w * PACK).to(torch.int8)
 
