@@ -43,9 +43,11 @@ CONFIGS = {
     "expand-s3": dict(expand=[("down_proj", 3)]),
     "expand-s5": dict(expand=[("down_proj", 5)]),
     "expand-o+down": dict(online=("down_proj", "o_proj"), expand=[("down_proj", 3), ("o_proj", 3)]),
-    "rotation+gptq": dict(gptq=True),
-    "expand-s1+gptq": dict(expand=[("down_proj", 1)], gptq=True),
-    "expand-s3+gptq": dict(expand=[("down_proj", 3)], gptq=True),
+    "rotation+gptq": dict(gptq=True, sequential=False),
+    "rotation+gptq-seq": dict(gptq=True, sequential=True),
+    "expand-s1+gptq": dict(expand=[("down_proj", 1)], gptq=True, sequential=False),
+    "expand-s3+gptq": dict(expand=[("down_proj", 3)], gptq=True, sequential=False),
+    "expand-s3+gptq-seq": dict(expand=[("down_proj", 3)], gptq=True, sequential=True),
     "clip-none": dict(clip="none"),
     "clip-kl-j": dict(clip="kl-j"),
     "clip-kl": dict(clip="kl"),
@@ -64,7 +66,7 @@ CONFIGS = {
 
 def cli_flags(extra: dict) -> list[str]:
     """`qexpand convert` flags giving a CONFIGS entry (tests/test_accuracy_bench.py parses them back)."""
-    flags = []
+    flags = [] if extra.get("gptq") else ["--rtn"]  # `qexpand convert` runs GPTQ unless told --rtn
     for key, value in extra.items():
         if key in ("r1", "r2"):
             flags += [] if value else [f"--no-{key}"]
@@ -74,7 +76,9 @@ def cli_flags(extra: dict) -> list[str]:
             for pattern, n in value:
                 flags += ["--expand", f"{pattern}={n}"]
         elif key == "gptq":
-            flags += ["--gptq"] if value else []
+            pass  # the default; --rtn above otherwise
+        elif key == "sequential":
+            flags += ["--sequential" if value else "--no-sequential"]
         else:
             flags += ["--" + key.replace("_", "-"), str(value)]
     return flags

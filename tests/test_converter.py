@@ -159,7 +159,7 @@ def test_bad_options_are_refused(tmp_path, small):
 
 
 def test_cli_convert_and_eval(tmp_path, small):
-    r = _cli("convert", small, tmp_path / "q", "--expand", "layers\\.0\\.mlp\\.down_proj=2", "--quiet")
+    r = _cli("convert", small, tmp_path / "q", "--expand", "layers\\.0\\.mlp\\.down_proj=2", "--rtn", "--quiet")
     assert r.returncode == 0, r.stderr
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["online"]["model.layers.0.mlp.down_proj"]["size"] > 192
@@ -203,3 +203,52 @@ def test_no_rotation_baseline_only_folds_norms(tmp_path, small):
          safe_open(tmp_path / "plain" / "model-00002-of-00004.safetensors", framework="pt") as g:
         w = f.get_tensor("model.layers.0.mlp.down_proj.weight")
         assert torch.equal(g.get_tensor("model.layers.0.mlp.down_proj.weight"), w)  # no norm feeds down_proj
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(gptq=True, sequential=True)], ids=["rtn", "gptq-sequential"])
+def test_same_bytes_at_one_and_two_threads(tmp_path, small, opts):
+    """A conversion does not depend on the thread count (torch's CPU reductions split differently)."""
+    from tiny import TEXT
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT * 8)
+    if opts:
+        opts = dict(opts, calib=calib, calib_samples=4, calib_len=64)
+    saved = torch.get_num_threads()
+    try:
+        digests = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            convert(small, tmp_path / f"t{n}", Options(progress=False, **opts))
+            digests.append({k: v for k, v in _digest(tmp_path / f"t{n}").items() if k != "qexpand_report.json"})
+    finally:
+        torch.set_num_threads(saved)
+    assert digests[0] == digests[1]
+
+
+def test_default_recipe_is_what_help_says(tmp_path, small, monkeypatch, capsys):
+    """`qexpand convert SRC DST` with no flags runs the recipe --help names: GPTQ on the built-in text."""
+    from tiny import TEXT
+    from vllm_qexpand import cli
+    from vllm_qexpand.converters import calibrate
+
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["convert"].format_help()
+    flat = " ".join(help_text.split())
+    assert "Default recipe:" in flat and "GPTQ" in flat and "--rtn" in flat
+    args = cli.build_parser().parse_args(["convert", "src", "dst"])
+    o = cli.options_from_args(args)
+    assert o.gptq and o.calib is None and o.calib_builtin and o.clip == "mse" and o.scheme == "w4a4"
+    assert o.sequential == cli.DEFAULT_SEQUENTIAL and ("sequential inside each layer" in flat) == o.sequential
+    assert o.calib_samples == cli.DEFAULT_CALIB_SAMPLES and f"({o.calib_samples} windows of 512 tokens)" in flat
+    fast = cli.options_from_args(cli.build_parser().parse_args(["convert", "src", "dst", "--rtn"]))
+    assert not fast.gptq
+    # run it: the built-in text (stubbed here: no download in tests) is what calibrates, and the report says so
+    builtin = tmp_path / "calibration-books.txt"
+    builtin.write_text(TEXT * 40)
+    monkeypatch.setattr(calibrate, "builtin_calibration_file", lambda: builtin)
+    assert cli.main(["convert", str(small), str(tmp_path / "d"), "--calib-len", "64", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "d" / "qexpand_report.json").read_text())
+    assert "GPTQ" in report["recipe"] and "built-in text" in report["recipe"] and report["recipe"] in out
+    assert report["calibration"]["text"] == calibrate.BUILTIN_CALIB
+    assert cli.main(["convert", str(small), str(tmp_path / "f"), "--rtn", "--quiet"]) == 0
+    assert "data-free" in json.loads((tmp_path / "f" / "qexpand_report.json").read_text())["recipe"]

@@ -10,6 +10,18 @@ from .converters.clip import CLIP_RULES
 from .format import ONLINE_CHOICES, SCHEMES
 
 
+# The default recipe of `qexpand convert SRC DST` (no flags): the most accurate one measured on
+# SmolLM2-135M W4A4 (docs/accuracy.md, "Default recipe"); tests/test_converter.py checks that parsing
+# no flags gives these options and that the help says so.
+DEFAULT_SEQUENTIAL = True
+DEFAULT_CALIB_SAMPLES = 16
+DEFAULT_RECIPE_HELP = (
+    "Default recipe: R1 + R2 rotations, online Hadamard on down_proj, MSE weight clip, then GPTQ (act-order, "
+    "1%% damping, sequential inside each layer) on the built-in calibration text (%d windows of 512 tokens); "
+    "--rtn gives the fast, data-free round-to-nearest path." % DEFAULT_CALIB_SAMPLES
+)
+
+
 def _expand_arg(text: str) -> tuple[str, int]:
     pattern, sep, value = text.rpartition("=")
     if not sep or not pattern or not value.isdigit():
@@ -31,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a Hugging Face Llama-family checkpoint",
                        description="Fold norms, rotate (R1, R2, online Hadamards), expand, quantize to int4 and "
-                                   "write a qexpand checkpoint. SRC is never modified.")
+                                   "write a qexpand checkpoint. SRC is never modified. " + DEFAULT_RECIPE_HELP)
     c.add_argument("src", type=Path, help="HF model directory (safetensors)")
     c.add_argument("dst", type=Path, help="output directory (must not exist unless --force)")
     c.add_argument("--scheme", choices=[s for s in SCHEMES if s != "none"], default="w4a4",
@@ -55,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "spending at most F x the linear parameters (0.05 = +5%%): greedy by the measured output-error "
                         "reduction of int4 weights per added parameter on --calib (an extra float pass over the model)")
     c.add_argument("--gptq", action="store_true",
-                   help="GPTQ with act-order on the rotated, expanded inputs (needs --calib)")
+                   help="GPTQ with act-order on the rotated, expanded inputs (the default unless --rtn; "
+                        "kept for older command lines)")
+    c.add_argument("--rtn", action="store_true",
+                   help="round-to-nearest with the --clip rule instead of GPTQ: the fast, data-free path (no "
+                        "calibration pass unless --saliency / --refine / --expand-budget ask for one); seconds "
+                        "instead of minutes, far less accurate at w4a4")
+    c.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=DEFAULT_SEQUENTIAL,
+                   help="GPTQ group by group inside each layer: q/k/v, then o_proj on the attention with quantized "
+                        "q/k/v, gate/up, then down_proj on the quantized gate/up (as Brevitas does); --no-sequential "
+                        "takes every Hessian from the float layer (default: %(default)s)")
     c.add_argument("--saliency", choices=["none", "act", "fisher"], default="none",
                    help="weight the --clip mse search, from --calib: act = E[x²] of each input; fisher = per-weight "
                         "Fisher diagonal E[(dL/dW)²] of the float model's next-token loss per calibration window "
@@ -73,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--refine-heldout", type=float, default=0.25, metavar="F",
                    help="fraction of the --calib windows held out to accept or reject each Δ (default: 0.25)")
     c.add_argument("--calib", type=Path, default=None,
-                   help="calibration text file for --gptq / --saliency / --refine / --expand-budget")
-    c.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
+                   help="calibration text file for GPTQ / --saliency / --refine / --expand-budget (default: the "
+                        "built-in text, Jane Austen's Emma and Mansfield Park, fetched once into the data cache)")
+    c.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
+                   help="calibration windows (default: %(default)s)")
     c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default: 512)")
     c.add_argument("--tp-blocks", type=int, default=1,
                    help="make online rotations block-diagonal in B blocks so the checkpoint serves at any "
@@ -144,11 +167,14 @@ def options_from_args(args):
     """The converter Options of parsed `qexpand convert` arguments."""
     from .converters.state import Options
 
+    if args.rtn and args.gptq:
+        raise ValueError("--rtn and --gptq exclude each other")
     return Options(
         scheme="none" if args.no_quant else args.scheme, group_size=args.group_size, clip=args.clip,
         online=args.online, expand=args.expand, expand_budget=args.expand_budget, seed=args.seed, dtype=args.dtype, r1=not args.no_r1, r2=not args.no_r2,
         force=args.force, progress=not args.quiet, tp_blocks=args.tp_blocks,
-        gptq=args.gptq, saliency=args.saliency, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
+        gptq=not args.rtn and not args.no_quant, sequential=args.sequential, calib_builtin=True,
+        saliency=args.saliency, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
         refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_band=args.refine_band,
         refine_heldout=args.refine_heldout,
     )
@@ -161,6 +187,7 @@ def _convert(args) -> int:
     report = convert(args.src, args.dst, opts)
     print(f"wrote {args.dst}: scheme {report['scheme']}, {len(report['online'])} online rotations, "
           f"parameter overhead {100 * report['param_overhead']:.2f}%, {report['timing']['total_s']:.1f} s")
+    print(f"recipe: {report['recipe']}")
     for note in report["notes"]:
         print(f"note: {note}")
     if "expand_budget" in report:
