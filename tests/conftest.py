@@ -4,6 +4,9 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny.py
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+# the CPU GEMM crossover depends on the CPU (1 token with VNNI, else 64): tests pin 64 so both CPU GEMMs
+# (int8 for prefill-sized steps, float32 codes for decode) run on every machine
+os.environ.setdefault("VLLM_QEXPAND_INT8_MIN_TOKENS", "64")
 # Triton reads TRITON_INTERPRET when a kernel is decorated: set it before any module (ours or
 # vLLM's) imports Triton, so the kernel tests run in the interpreter on machines without CUDA
 if not os.path.exists("/dev/nvidia0") and not os.environ.get("QEXPAND_TEST_COMPILED"):

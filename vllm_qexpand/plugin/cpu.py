@@ -47,6 +47,17 @@ exactly (``torch.bmm``) and combine the groups in order; w4a16 (group scales) an
 ``none`` use the dequantized float32 weight. The whole linear computes in float32 for
 bf16/fp16 models too: on this CPU that is also the fastest choice.
 
+On a CPU with int8 dot products (AVX-512 VNNI / AVX-VNNI / AMX) oneDNN's s8s8 GEMM has no
+such fixed cost: measured on a 2-core AMD EPYC with AVX-512 VNNI (the development VM of
+2026-11-30, ``benchmarks/cpu_gemm.py``, one thread, µs for the same four GEMMs):
+
+    tokens T                               1     16     64    128    512
+    oneDNN fp32, float32 codes           213    576   2258   4328  28697
+    oneDNN s8s8 int8 (unit scales)       107    223    639   1256   7638
+
+so there the crossover defaults to 1 token (int8 always; ``default_int8_min_tokens``), and
+to 64 without VNNI. Both layouts give the same bits, so the crossover changes speed only.
+
 ``VLLM_QEXPAND_CPU_LAYOUT`` = auto (default) | dense | int8 | hybrid forces a layout
 (``auto`` = hybrid where possible, else dense); ``VLLM_QEXPAND_INT8_MIN_TOKENS``
 moves the crossover.
@@ -62,7 +73,27 @@ from ..quant import apply_scales, code_matmul, dequantize_weight, exact_in_float
 from ._trace import TRACE_ENV, trace
 
 LAYOUT_ENV = "VLLM_QEXPAND_CPU_LAYOUT"
-INT8_MIN_TOKENS = int(os.environ.get("VLLM_QEXPAND_INT8_MIN_TOKENS", "64"))
+INT8_MIN_TOKENS_ENV = "VLLM_QEXPAND_INT8_MIN_TOKENS"
+
+
+def _cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(line.split()))
+    except OSError:
+        pass
+    return False
+
+
+def default_int8_min_tokens() -> int:
+    """The token count from which the int8 GEMM runs: 1 (always) with VNNI, where oneDNN's s8s8 GEMM
+    beats fp32 at every size; 64 without (AVX2: the int8 GEMM repacks per call, ~1 ms; table above)."""
+    return 1 if _cpu_has_vnni() else 64
+
+
+INT8_MIN_TOKENS = int(os.environ.get(INT8_MIN_TOKENS_ENV) or default_int8_min_tokens())
 
 _GEMMS: dict[str, "Gemm"] = {}  # key -> prepacked GEMM of one layer (this process)
 _op_registered = False
