@@ -36,7 +36,7 @@ class Options:
     refine_heldout: float = 0.25  # fraction of the calibration windows held out for the keep/reject check
     calib: Path | None = None  # calibration text for --gptq
     calib_builtin: bool = False  # calib None: use the built-in text (calibrate.BUILTIN_CALIB); the CLI sets it
-    calib_samples: int = 32
+    calib_samples: int = 16  # the CLI default too (cli.DEFAULT_CALIB_SAMPLES)
     calib_len: int = 512
     act_order: bool = True
     sequential: bool = True  # --sequential: GPTQ group by group inside a layer (q/k/v, o, gate/up, down)
