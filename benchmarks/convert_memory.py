@@ -65,7 +65,7 @@ def main() -> None:
             make_source(src, args.layers)
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "vllm_qexpand.cli", "convert", str(src), str(dst), "--force", "--quiet",
-               "--scheme", "w4a4", "--expand", "down_proj=1"]
+               "--rtn", "--scheme", "w4a4", "--expand", "down_proj=1"]  # the streaming RTN conversion
         subprocess.run(cmd, check=True)
         elapsed = time.perf_counter() - t0
         peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux

@@ -16,10 +16,10 @@ mode (``--enforce-eager`` is an option). Configs:
                                (64 where a width is not a multiple of 128), sym, no act-order) written
                                here; vLLM picks its kernel itself (gptq_marlin: Machete on Hopper,
                                Marlin elsewhere on CUDA)
-    w4a4                       qexpand --scheme w4a4 (online down_proj, not expanded)
-    w4a4-expanded              qexpand --scheme w4a4 --expand down_proj=1
-    w4a8                       qexpand --scheme w4a8
-    w4a16                      qexpand --scheme w4a16, same group size as gptq-marlin (on CUDA
+    w4a4                       qexpand --rtn --scheme w4a4 (online down_proj, not expanded)
+    w4a4-expanded              qexpand --rtn --scheme w4a4 --expand down_proj=1
+    w4a8                       qexpand --rtn --scheme w4a8
+    w4a16                      qexpand --rtn --scheme w4a16, same group size as gptq-marlin (on CUDA
                                served by vLLM's Machete / Marlin after the online rotation)
 
 Default configs: on CPU bf16, fp32, w4a4, w4a4-expanded, w4a8, w4a16; on CUDA bf16, gptq-marlin,
@@ -70,11 +70,13 @@ SHAPES = {
     "llama-3.2-1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, tie=True),
     "llama-3.1-8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256, tie=False),
 }
+# --rtn: speed depends on shapes and layout, not on how the int4 values were chosen (GPTQ, the
+# converter's default, would only lengthen the benchmark)
 CONVERT = {
-    "w4a4": ["--scheme", "w4a4"],
-    "w4a4-expanded": ["--scheme", "w4a4", "--expand", "down_proj=1"],
-    "w4a8": ["--scheme", "w4a8"],
-    "w4a16": ["--scheme", "w4a16"],  # + --group-size: group_size_for(src)
+    "w4a4": ["--rtn", "--scheme", "w4a4"],
+    "w4a4-expanded": ["--rtn", "--scheme", "w4a4", "--expand", "down_proj=1"],
+    "w4a8": ["--rtn", "--scheme", "w4a8"],
+    "w4a16": ["--rtn", "--scheme", "w4a16"],  # + --group-size: group_size_for(src)
 }
 UNQUANTIZED = {"bf16": "bfloat16", "fp32": "float32"}
 GPTQ = {"gptq-marlin": "bfloat16"}

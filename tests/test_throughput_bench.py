@@ -102,8 +102,8 @@ def test_gptq_baseline_checkpoint(random_llama, tp, tmp_path):
 
 
 def test_convert_args(tp, random_llama):
-    assert tp.convert_args("w4a16", random_llama, True) == ["--scheme", "w4a16", "--group-size", "128", "--clip", "none"]
-    assert tp.convert_args("w4a4-expanded", random_llama, False) == ["--scheme", "w4a4", "--expand", "down_proj=1"]
+    assert tp.convert_args("w4a16", random_llama, True) == ["--rtn", "--scheme", "w4a16", "--group-size", "128", "--clip", "none"]
+    assert tp.convert_args("w4a4-expanded", random_llama, False) == ["--rtn", "--scheme", "w4a4", "--expand", "down_proj=1"]
 
 
 def test_random_llama_converts(tp, random_llama, tmp_path):

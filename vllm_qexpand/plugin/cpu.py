@@ -49,11 +49,13 @@ bf16/fp16 models too: on this CPU that is also the fastest choice.
 
 On a CPU with int8 dot products (AVX-512 VNNI / AVX-VNNI / AMX) oneDNN's s8s8 GEMM has no
 such fixed cost: measured on a 2-core AMD EPYC with AVX-512 VNNI (the development VM of
-2026-11-30, ``benchmarks/cpu_gemm.py``, one thread, µs for the same four GEMMs):
+2026-11-30, ``benchmarks/cpu_gemm.py``, one thread, quiet machine, µs for the same four GEMMs;
+``cpu-gemm-2026-11-30.json``):
 
     tokens T                               1     16     64    128    512
-    oneDNN fp32, float32 codes           213    576   2258   4328  28697
-    oneDNN s8s8 int8 (unit scales)       107    223    639   1256   7638
+    oneDNN fp32, dequantized weight      188    552   2019   3974  14987   (before batch invariance)
+    oneDNN fp32, float32 codes           205    585   2166   4072  16061
+    oneDNN s8s8 int8 (unit scales)       107    219    630   1231   6044
 
 so there the crossover defaults to 1 token (int8 always; ``default_int8_min_tokens``), and
 to 64 without VNNI. Both layouts give the same bits, so the crossover changes speed only.
