@@ -91,9 +91,11 @@ def quantize_activation(
 
 
 # ----------------------------------------------------------------------------- integer-exact GEMM
-# Every layout of a w4a4/w4a8 linear (CPU int8 and float32 GEMMs, the torch reference, the
-# Triton kernels) computes the same bits for a token, whatever else is in the batch, by
-# multiplying *codes* and applying the scales afterwards in one fixed order:
+# Every CPU layout of a w4a4/w4a8 linear (oneDNN int8 and float32 GEMMs) and the torch reference
+# compute the same bits for a token, whatever else is in the batch, by multiplying *codes* and
+# applying the scales afterwards in one fixed order (the Triton kernels sum codes exactly too and
+# are batch invariant among their own tile configurations, but round activations with one
+# reciprocal per token: their codes can differ from these at a .5 boundary):
 #
 #     acc[t, n] = Σ_k q_x[t, k] · q_w[n, k]          an exact integer (int32, or float32 below 2^24)
 #     y[t, n]   = (float32(acc[t, n]) · s_w[n]) · s_x[t]
