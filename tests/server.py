@@ -1,5 +1,7 @@
-"""The OpenAI server of a test: `python -m vllm_qexpand.serve` on a free loopback port."""
+"""The OpenAI server of a test (`python -m vllm_qexpand.serve` on a free loopback port), and one vLLM engine
+run as a script in a fresh process (`run_engine_script`)."""
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -61,3 +63,34 @@ def openai_server(path, log: Path, *args: str, eager: bool = True, env: dict | N
                 os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and its children only
                 proc.wait()
         fh.close()
+
+
+def run_engine_script(script: str, args: dict, log: Path, *, workers: int = 1, timeout: float = 300,
+                      trace: Path | None = None) -> tuple:
+    """(returncode, result dict or None, full log) of `python -c script json(args)` in a fresh process.
+
+    The script prints one line ``RESULT <json>``. CPU vLLM's environment is set; with `workers` > 1 each
+    worker gets its own OpenMP thread set, round-robin over the cores; `trace` sets VLLM_QEXPAND_TRACE.
+    """
+    env = dict(os.environ)
+    env.update(VLLM_TARGET_DEVICE="cpu", VLLM_USE_AOT_COMPILE="0", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_QEXPAND_TRACE", None)
+    if trace is not None:
+        env["VLLM_QEXPAND_TRACE"] = str(trace)
+    if workers > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % (os.cpu_count() or 1)) for r in range(workers))
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(args)], stdout=fh, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text()
+    result = None
+    for ln in text.splitlines():
+        if ln.startswith("RESULT "):
+            result = json.loads(ln[len("RESULT "):])
+    return rc, result, text

@@ -6,6 +6,7 @@ the batch and the GEMM layout that count selects, and equal to the torch referen
 """
 import pytest
 import torch
+from tiny import random_qlayer
 
 pytest.importorskip("vllm")
 
@@ -25,13 +26,7 @@ CASES = {
 LAYOUTS = ("auto", "dense", "int8")
 
 
-def _layer(act_bits, group, rotation, n, out=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    m = rotation[0] if rotation else n
-    codes = torch.randint(-8, 8, (out, m), generator=g, dtype=torch.int8)
-    scale = torch.rand(out, m // group if group else 1, generator=g) * 0.02 + 0.001
-    hk = hadamard_k(rotation[1]).float() if rotation else None
-    return codes, scale, hk
+_layer = random_qlayer
 
 
 def _inputs(tokens, n, seed=1):

@@ -1,6 +1,7 @@
 """The plugin's CPU path (plugin/cpu.py) against the reference math (quant.qlinear), no engine."""
 import pytest
 import torch
+from tiny import random_qlayer
 
 pytest.importorskip("vllm")
 
@@ -18,13 +19,7 @@ CASES = {
 }
 
 
-def _layer(act_bits, group, rotation, n, out=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    m = rotation[0] if rotation else n
-    codes = torch.randint(-8, 8, (out, m), generator=g, dtype=torch.int8)
-    scale = torch.rand(out, m // group if group else 1, generator=g) * 0.02 + 0.001
-    hk = hadamard_k(rotation[1]).float() if rotation else None
-    return codes, scale, hk
+_layer = random_qlayer
 
 
 # the int8 layout exists only for quantized activations with per-channel scales

@@ -16,12 +16,10 @@ first real step then fails on the second stage with ``assert self.intermediate_t
 (``gpu_model_runner.py``, ``sync_and_gather_intermediate_tensors``) and the engine dies.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from server import run_engine_script
 
 pytest.importorskip("vllm")
 
@@ -61,30 +59,9 @@ def make_prompts():
 
 def run_engine(path, tp, pp, tmp_path, trace=None):
     """(returncode, result dict or None, full log) of one engine in a fresh process."""
-    env = dict(os.environ)
-    env.update(VLLM_TARGET_DEVICE="cpu", VLLM_USE_AOT_COMPILE="0", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("VLLM_QEXPAND_TRACE", None)
-    if trace is not None:
-        env["VLLM_QEXPAND_TRACE"] = str(trace)
-    if tp * pp > 1:  # one OpenMP thread set per worker, round-robin over the cores
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % (os.cpu_count() or 1)) for r in range(tp * pp))
-    args = json.dumps({"path": str(path), "tp": tp, "pp": pp, "prompts": make_prompts(), "new_tokens": NEW_TOKENS})
-    log = tmp_path / f"engine-tp{tp}-pp{pp}.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", ENGINE, args], stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout=TIMEOUT_S)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-    text = log.read_text()
-    result = None
-    for ln in text.splitlines():
-        if ln.startswith("RESULT "):
-            result = json.loads(ln[len("RESULT "):])
-    return rc, result, text
+    args = {"path": str(path), "tp": tp, "pp": pp, "prompts": make_prompts(), "new_tokens": NEW_TOKENS}
+    return run_engine_script(ENGINE, args, tmp_path / f"engine-tp{tp}-pp{pp}.log", workers=tp * pp,
+                             timeout=TIMEOUT_S, trace=trace)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

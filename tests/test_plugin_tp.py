@@ -10,12 +10,10 @@ different TP sizes then coexist in one pytest process, and their memory and work
 away with them. Three engine starts in all: TP=1, TP=2, and the refused TP=2.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from server import run_engine_script
 
 pytest.importorskip("vllm")
 
@@ -52,28 +50,8 @@ def make_prompts():
 
 def run_engine(path, tp, tmp_path):
     """(returncode, result dict or None, full log) of one engine in a fresh process."""
-    env = dict(os.environ)
-    env.update(VLLM_TARGET_DEVICE="cpu", VLLM_USE_AOT_COMPILE="0", VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("VLLM_QEXPAND_TRACE", None)
-    if tp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % (os.cpu_count() or 1)) for r in range(tp))
-    args = json.dumps({"path": str(path), "tp": tp, "prompts": make_prompts(), "new_tokens": NEW_TOKENS})
-    log = tmp_path / f"engine-tp{tp}.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", ENGINE, args], stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout=TIMEOUT_S)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-    text = log.read_text()
-    result = None
-    for ln in text.splitlines():
-        if ln.startswith("RESULT "):
-            result = json.loads(ln[len("RESULT "):])
-    return rc, result, text
+    args = {"path": str(path), "tp": tp, "prompts": make_prompts(), "new_tokens": NEW_TOKENS}
+    return run_engine_script(ENGINE, args, tmp_path / f"engine-tp{tp}.log", workers=tp, timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

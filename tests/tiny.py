@@ -58,3 +58,16 @@ def make_tiny_llama(path: Path, hidden=64, intermediate=128, layers=2, heads=4, 
     model.save_pretrained(path, safe_serialization=True)
     make_tokenizer(path)
     return Path(path)
+
+
+def random_qlayer(act_bits, group, rotation, n, out=96, seed=0):
+    """(int4 codes [out, M], scales [out, 1 | M/group], H_K or None) of a random quantized linear with N = `n`
+    inputs, M = rotation[0] (expanded) or n; `rotation` is (size, k, blocks) or None."""
+    from vllm_qexpand.hadamard import hadamard_k
+
+    g = torch.Generator().manual_seed(seed)
+    m = rotation[0] if rotation else n
+    codes = torch.randint(-8, 8, (out, m), generator=g, dtype=torch.int8)
+    scale = torch.rand(out, m // group if group else 1, generator=g) * 0.02 + 0.001
+    hk = hadamard_k(rotation[1]).float() if rotation else None
+    return codes, scale, hk

@@ -91,8 +91,9 @@ def rtn_output_error(w: torch.Tensor, h: torch.Tensor, size: int, k: int, blocks
     return float(((et @ h.float()) * et).sum(dtype=torch.float64))
 
 
-def plan(state: ModelState) -> None:
-    o = state.options
+def check_options(o) -> None:
+    """Refuse a bad --expand-budget combination (run by ``pipeline.convert`` before any pass, so before
+    the calibration pass of the default GPTQ recipe reads --calib)."""
     if o.expand_budget is None:
         return
     f = o.expand_budget
@@ -103,6 +104,14 @@ def plan(state: ModelState) -> None:
         raise ConvertError(f"--expand-budget {f}: must be a fraction >= 0 of the linear parameters (e.g. 0.05)")
     if o.calib is None or not o.calib.is_file():
         raise ConvertError(f"--expand-budget needs a calibration text file (--calib); got {o.calib}")
+
+
+def plan(state: ModelState) -> None:
+    o = state.options
+    if o.expand_budget is None:
+        return
+    check_options(o)
+    f = o.expand_budget
     if not state.online:
         raise ConvertError("--expand-budget: no layer has an online rotation (--online is empty)")
     before, _ = write.param_counts(state)

@@ -56,6 +56,7 @@ def convert(src: str | Path, dst: str | Path, options: Options | None = None) ->
         raise ConvertError("DST must differ from SRC (the source is never modified)")
     if dst.exists() and not options.force:
         raise ConvertError(f"{dst} exists; pass --force to replace it")
+    budget.check_options(options)
     state = ModelState(src=src, config=load.read_config(src), options=options)
     t0 = time.perf_counter()
     setup_timings = {}
