@@ -6,10 +6,9 @@ import os
 
 import pytest
 import torch
+from tiny import reference_outputs
 
 pytest.importorskip("vllm")
-
-from vllm_qexpand.eval.reference import load_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 OPTIONS = dict(scheme="w4a4", online=("down_proj", "o_proj"), expand=[("down_proj", 1)])
@@ -20,22 +19,6 @@ NEW_TOKENS = 12
 def make_prompts():
     g = torch.Generator().manual_seed(0)
     return [torch.randint(1, 300, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
-def reference_outputs(path, prompts, new_tokens):
-    """(prompt logprobs of each next prompt token, greedy continuation) from eval.reference."""
-    ref = load_model(path)
-    lps, greedy = [], []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            lp = torch.log_softmax(ref(ids).logits[0].float(), -1)
-            lps.append(lp[torch.arange(len(p) - 1), ids[0, 1:]])
-            seq = list(p)
-            for _ in range(new_tokens):
-                seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
-            greedy.append(seq[len(p):])
-    return lps, greedy
 
 
 def run_engine(path, prompts, new_tokens, trace, **llm_kwargs):

@@ -31,6 +31,7 @@ import torch
 pytest.importorskip("vllm")
 
 from server import openai_server  # noqa: E402
+from tiny import reference_outputs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 OPTIONS = dict(scheme="w4a4", online=("down_proj", "o_proj"), expand=[("down_proj", 1)])
@@ -266,23 +267,6 @@ def test_bad_requests_during_a_stream_leave_it_unchanged(server, baseline):
     assert_still_serves(server, baseline)
 
 
-def _reference(path, prompts, new_tokens):
-    from vllm_qexpand.eval.reference import load_model
-
-    ref = load_model(path)
-    lps, greedy = [], []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            lp = torch.log_softmax(ref(ids).logits[0].float(), -1)
-            lps.append(lp[torch.arange(len(p) - 1), ids[0, 1:]])
-            seq = list(p)
-            for _ in range(new_tokens):
-                seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
-            greedy.append(seq[len(p):])
-    return lps, greedy
-
-
 def test_token_counts_1_odd_and_chunked_prefill_match_reference(server):
     """Prompts of 1, 7 and 250 tokens in one request: the 250-token prefill is split into chunks of
     <= 96 tokens (int8 GEMM for the full chunks, dense for the rest) scheduled with the others' decode."""
@@ -293,7 +277,7 @@ def test_token_counts_1_odd_and_chunked_prefill_match_reference(server):
                                  "ignore_eos": True, "prompt_logprobs": 0, "return_token_ids": True})  # fmt: skip
     assert status == 200, body
     choices = sorted(body["choices"], key=lambda c: c["index"])
-    ref_lps, ref_greedy = _reference(server["path"], prompts, new_tokens)
+    ref_lps, ref_greedy = reference_outputs(server["path"], prompts, new_tokens)
     for p, c, want_lp, want_greedy in zip(prompts, choices, ref_lps, ref_greedy):
         got_lp = torch.tensor([e[str(t)]["logprob"] for t, e in zip(p[1:], c["prompt_logprobs"][1:])])
         assert got_lp.shape == want_lp.shape == (len(p) - 1,)

@@ -71,3 +71,22 @@ def random_qlayer(act_bits, group, rotation, n, out=96, seed=0):
     scale = torch.rand(out, m // group if group else 1, generator=g) * 0.02 + 0.001
     hk = hadamard_k(rotation[1]).float() if rotation else None
     return codes, scale, hk
+
+
+def reference_outputs(path, prompts, new_tokens):
+    """(prompt log-probs of each next prompt token, greedy continuation of `new_tokens`) of each prompt
+    (token ids) in the torch reference (eval.reference.load_model(path)), float32."""
+    from vllm_qexpand.eval.reference import load_model
+
+    ref = load_model(path)
+    lps, greedy = [], []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            lp = torch.log_softmax(ref(ids).logits[0].float(), -1)
+            lps.append(lp[torch.arange(len(p) - 1), ids[0, 1:]])
+            seq = list(p)
+            for _ in range(new_tokens):
+                seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
+            greedy.append(seq[len(p):])
+    return lps, greedy
