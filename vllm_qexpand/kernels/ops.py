@@ -149,6 +149,17 @@ def qexpand_linear_gpu(
     return y.reshape(*lead, weight.shape[0])
 
 
+def _fake_codes(x: torch.Tensor, size: int, bits: int, codes_int8: bool):
+    """Empty (codes, scale, sums) of the Hadamard+quant ops' outputs, for torch.compile / CUDA-graph tracing."""
+    bits = 8 if codes_int8 else bits
+    codes, scale, sums = output_shapes(x.shape[0], size, bits)
+    return (
+        x.new_empty(codes, dtype=torch.int8 if bits == 8 else torch.uint8),
+        x.new_empty(scale, dtype=torch.float32),
+        x.new_empty(sums, dtype=torch.int32),
+    )
+
+
 def _register() -> None:
     from . import hadamard_quant as hq
     from . import w4a8_gemm as gm
@@ -165,13 +176,7 @@ def _register() -> None:
 
     @hadamard_quant.register_fake
     def _(x, hrow, hcol, size, k, blocks, bits, planes=False, codes_int8=False):
-        bits = 8 if codes_int8 else bits
-        codes, scale, sums = output_shapes(x.shape[0], size, bits)
-        return (
-            x.new_empty(codes, dtype=torch.int8 if bits == 8 else torch.uint8),
-            x.new_empty(scale, dtype=torch.float32),
-            x.new_empty(sums, dtype=torch.int32),
-        )
+        return _fake_codes(x, size, bits, codes_int8)
 
     @torch.library.custom_op("qexpand::hadamard_absmax", mutates_args=(), device_types=devices)
     def hadamard_absmax(
@@ -193,13 +198,7 @@ def _register() -> None:
 
     @hadamard_quant_amax.register_fake
     def _(x, hrow, hcol, amax, size, k, blocks, bits, planes=False, codes_int8=False):
-        bits = 8 if codes_int8 else bits
-        codes, scale, sums = output_shapes(x.shape[0], size, bits)
-        return (
-            x.new_empty(codes, dtype=torch.int8 if bits == 8 else torch.uint8),
-            x.new_empty(scale, dtype=torch.float32),
-            x.new_empty(sums, dtype=torch.int32),
-        )
+        return _fake_codes(x, size, bits, codes_int8)
 
     @torch.library.custom_op("qexpand::w4a8_gemm", mutates_args=(), device_types=devices)
     def w4a8_gemm(
