@@ -28,13 +28,13 @@ import datetime as dt
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from soak import free_port, launch_server, stop_server  # benchmarks/soak.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,29 +82,11 @@ def write_tasks(tasks: list[str], limit: int | None, work: Path) -> dict[str, li
 
 
 def start_server(model: Path, log: Path, max_model_len: int, extra: list[str]):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vllm_qexpand.serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", str(max_model_len), "--max-num-seqs", "16",
-           "--kv-cache-memory-bytes", str(512 << 20), "--seed", "0", *extra]  # fmt: skip
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=_env())
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while True:
-        if proc.poll() is not None:
-            sys.exit(f"server exited with {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, fh, base + "/v1"
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            sys.exit(f"server not healthy after 900 s; see {log}")
-        time.sleep(2)
+    server_args = ["--host", "127.0.0.1", "--port", str(free_port()), "--dtype", "float32",
+                   "--max-model-len", str(max_model_len), "--max-num-seqs", "16",
+                   "--kv-cache-memory-bytes", str(512 << 20), "--seed", "0", *extra]  # fmt: skip
+    proc, fh, base = launch_server(model, server_args, log, _env())
+    return proc, fh, base + "/v1"
 
 
 def run_lm_eval(model_dir: Path, url: str, served: str, tasks: list[str], work: Path, batch_size: int) -> dict:
@@ -198,15 +180,8 @@ def main() -> int:
         lm = run_lm_eval(args.model, url, served, tasks, args.work, args.batch_size)
         ours = run_harness(args.model, url, items)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if fh is not None:
-            fh.close()
+        if proc is not None:
+            stop_server(proc, fh)
     import importlib.metadata as md
 
     rows = compare(items, lm, ours)

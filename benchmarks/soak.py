@@ -158,30 +158,38 @@ def prepare_model(args) -> Path:
     return dst
 
 
-def start_server(dst: Path, args, log: Path):
-    port = free_port()
-    server_args = ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                   "--max-num-seqs", str(args.concurrency), "--max-model-len", str(args.max_model_len),
-                   "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * 2**30)), "--seed", "0",
-                   *shlex.split(args.server_args)]  # fmt: skip
+def launch_server(model: Path, server_args: list[str], log: Path, env: dict, timeout_s: float = 900):
+    """`python -m vllm_qexpand.serve MODEL ARGS` (its own session, output to `log`) -> (proc, log file, base URL)
+    once /health answers; exits naming the log if it dies or is not healthy within `timeout_s`. `server_args`
+    must hold --host 127.0.0.1 and --port."""
+    port = server_args[server_args.index("--port") + 1]
     fh = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_qexpand.serve", str(dst), *server_args], stdout=fh,
-                            stderr=subprocess.STDOUT, start_new_session=True, env=_env())  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_qexpand.serve", str(model), *server_args], stdout=fh,
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
             sys.exit(f"server exited with {proc.returncode}; see {log}")
         try:
             with urllib.request.urlopen(base + "/health", timeout=2) as r:
                 if r.status == 200:
-                    return proc, base, server_args, fh
+                    return proc, fh, base
         except OSError:
             pass
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
-            sys.exit(f"server not healthy after 900 s; see {log}")
+            sys.exit(f"server not healthy after {timeout_s:.0f} s; see {log}")
         time.sleep(2)
+
+
+def start_server(dst: Path, args, log: Path):
+    server_args = ["--host", "127.0.0.1", "--port", str(free_port()), "--dtype", "float32",
+                   "--max-num-seqs", str(args.concurrency), "--max-model-len", str(args.max_model_len),
+                   "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * 2**30)), "--seed", "0",
+                   *shlex.split(args.server_args)]  # fmt: skip
+    proc, fh, base = launch_server(dst, server_args, log, _env())
+    return proc, base, server_args, fh
 
 
 def stop_server(proc, fh):
