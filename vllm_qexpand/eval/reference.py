@@ -29,7 +29,9 @@ class QLinear(torch.nn.Module):
         super().__init__()
         # plain attributes, not buffers: they stay float32 whatever model.to(dtype) does
         self.weight = None if weight is None else weight.float()
-        self.codes, self.scale, self.group_size = codes, None if scale is None else scale.float(), group_size
+        # codes as float32 once (exact integers): the GEMM would otherwise convert the int8 codes every call
+        self.codes = None if codes is None else codes.float()
+        self.scale, self.group_size = None if scale is None else scale.float(), group_size
         self.bias = None if bias is None else bias.float()
         self.act_bits = act_bits
         self.rotation = rotation

@@ -194,7 +194,7 @@ class CodeGemm(Gemm):
         self.scale = scale.to(torch.float32).contiguous()
         self.exact = exact_in_float32(group_size or self.k, act_bits)
         self.mm = DenseGemm(codes.to(torch.float32)) if group_size == 0 and self.exact else None
-        self.codes = None if self.mm is not None else codes.to(torch.int8).contiguous()
+        self.codes = None if self.mm is not None else codes.to(torch.float32).contiguous()  # exact; converted once
         self.layout = self.mm.layout if self.mm is not None else "dense-torch"
 
     def quant_mm(self, q, s):
