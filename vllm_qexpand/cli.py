@@ -102,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tp-blocks", type=int, default=1,
                    help="make online rotations block-diagonal in B blocks so the checkpoint serves at any "
                         "tensor-parallel size dividing B (default: 1)")
+    c.add_argument("--learn-rotation", action="store_true",
+                   help="learn R1 by Cayley SGD (SpinQuant-style) on the calibration text with int4 fake quantization "
+                        "in the loop, then convert with it; holds the whole model in memory (see docs/accuracy.md)")
+    c.add_argument("--learn-steps", type=int, default=100, metavar="N", help="--learn-rotation steps (default: 100)")
+    c.add_argument("--learn-lr", type=float, default=1.5, metavar="LR",
+                   help="--learn-rotation peak learning rate, cosine schedule (default: 1.5)")
+    c.add_argument("--learn-batch", type=int, default=1, metavar="W",
+                   help="--learn-rotation calibration windows of --calib-len tokens per step (default: 1)")
+    c.add_argument("--rotation", type=Path, default=None, metavar="FILE",
+                   help="use the R1 a previous --learn-rotation wrote (DST/rotation/r1.safetensors)")
     c.add_argument("--no-r1", action="store_true", help="skip the residual rotation R1 (baselines only)")
     c.add_argument("--no-r2", action="store_true", help="skip the per-head rotation R2")
     c.add_argument("--seed", type=int, default=None, help="random ±1 signs on R1 from this seed (default: none)")
@@ -176,7 +186,8 @@ def options_from_args(args):
         gptq=not args.rtn and not args.no_quant, sequential=args.sequential, calib_builtin=True,
         saliency=args.saliency, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
         refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_band=args.refine_band,
-        refine_heldout=args.refine_heldout,
+        refine_heldout=args.refine_heldout, learn_rotation=args.learn_rotation, learn_steps=args.learn_steps,
+        learn_lr=args.learn_lr, learn_batch=args.learn_batch, rotation=args.rotation,
     )
 
 

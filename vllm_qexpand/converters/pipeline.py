@@ -1,7 +1,7 @@
 """The converter: named passes over one model state, streamed one part at a time.
 
 setup (once):  load -> r1 -> r2 -> online -> expand -> quantize -> refine -> calibrate
-               -> expand_budget -> fisher
+               -> learn -> expand_budget -> fisher
 per part:      read -> fuse_norms -> r1 -> r2 -> online -> [calib_embed, collect] -> quantize
                -> [propagate] -> write        ([...]: only with --gptq)
 Parts are 'embed', each decoder layer, and 'head', so peak memory is about one
@@ -10,6 +10,8 @@ expand_budget (only with --expand-budget) streams the layers once more before th
 conversion proper, to score every online layer's candidate sizes (see budget.py).
 fisher (only with --saliency fisher) streams the layers forward and then backward once
 before the conversion proper, for the per-weight Fisher of the loss (see fisher.py).
+learn (only with --learn-rotation, or --rotation FILE) replaces R1 by a learned one before any
+weight is fused: it holds the whole model once (see learn.py), the only pass that does.
 refine (--refine sde, setup: checks and the held-out split) works inside quantize
 (see refine.py); collect then also forms the held-out windows' Hessians.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import budget, calibrate, fisher, fuse_norms, load, online, quantize, refine, rotate, write
+from . import budget, calibrate, fisher, fuse_norms, learn, load, online, quantize, refine, rotate, write
 from .state import ConvertError, ModelState, Options
 
 SETUP_PASSES = (
@@ -33,6 +35,7 @@ SETUP_PASSES = (
     ("quantize", quantize.setup),
     ("refine", refine.setup),
     ("calibrate", calibrate.setup),
+    ("learn", learn.setup),
     ("expand_budget", budget.plan),
     ("fisher", fisher.setup),
 )
@@ -92,6 +95,7 @@ def convert(src: str | Path, dst: str | Path, options: Options | None = None) ->
             "timing": {"total_s": round(time.perf_counter() - t0, 3), "passes_s": {k: round(v, 3) for k, v in timings.items()},
                        "setup_s": setup_timings},
         }
+        learn.save(state, tmp)
         write.finalize(state, tmp, dst, index, report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -114,6 +118,10 @@ def recipe(o: Options) -> str:
         parts.append(f"saliency {o.saliency}")
     if o.refine != "none":
         parts.append(f"refine {o.refine}")
+    if o.learn_rotation:
+        parts.append(f"learned R1 ({o.learn_steps} Cayley SGD steps of {o.learn_batch}x{o.calib_len} tokens)")
+    elif o.rotation is not None:
+        parts.append(f"R1 from {o.rotation}")
     if o.calib is not None:
         parts.append(f"calibration {o.calib_samples}x{o.calib_len} tokens of "
                      + ("the built-in text" if o.calib_builtin and o.calib.name == "calibration-books.txt" else str(o.calib)))

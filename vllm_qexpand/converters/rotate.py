@@ -40,7 +40,7 @@ def setup_r1(state: ModelState) -> None:
 def _times_r1(state: ModelState, x: torch.Tensor) -> torch.Tensor:
     """x @ R1 in float64; the fast transform T(x * s) when R1 is a Hadamard."""
     x = x.double()
-    if state.r1["kind"] == "random_orthogonal":
+    if state.r1_matrix is not None:  # a random orthogonal or a learned R1 (learn.py)
         return x @ state.r1_matrix
     signs = state.r1_signs
     return hadamard_transform(x * signs, state.r1["k"])

@@ -41,6 +41,11 @@ class Options:
     act_order: bool = True
     sequential: bool = True  # --sequential: GPTQ group by group inside a layer (q/k/v, o, gate/up, down)
     damp: float = 0.01
+    learn_rotation: bool = False  # --learn-rotation: R1 learned by Cayley SGD with int4 fake quantization (learn.py)
+    learn_steps: int = 100
+    learn_lr: float = 1.5
+    learn_batch: int = 1  # calibration windows (of calib_len tokens) per step
+    rotation: Path | None = None  # --rotation FILE: R1 written by an earlier --learn-rotation
     force: bool = False
     progress: bool = True
 

@@ -1,0 +1,268 @@
+"""Setup pass learn (--learn-rotation): R1 learned by Cayley SGD on the Stiefel manifold, SpinQuant-style.
+
+R1 starts as the converter's own (the Hadamard of rotate.setup_r1, random signs with --seed)
+and is optimised as an orthogonal matrix to minimise the model's next-token cross-entropy on
+calibration windows, with the scheme's int4 weight and activation quantization in the loop
+(fake quantization, straight-through rounding; per-channel or per-group RTN absmax weights,
+per-token activations). Everything else in the loop is what the converter writes: folded
+norms, the per-head R2, and the online Hadamards with their expansion, all fixed. The
+learned R1 then replaces the Hadamard for every later pass (GPTQ, budget, Fisher, the fusion
+into the weights), so the checkpoint format is unchanged; it is also written to
+DST/rotation/r1.safetensors, which ``--rotation FILE`` reads back (convert again with other
+options without learning again).
+
+The step (Li et al. 2020, as SpinQuant uses it): with momentum M ← βM + G (G = ∂L/∂R1),
+the skew matrix A = M R1ᵀ − R1 Mᵀ and a step α = min(lr_t, 1/‖A‖₁) (lr_t: cosine schedule),
+
+    R1 ← (I + α/2 A)⁻¹ (I − α/2 A) R1,
+
+which is orthogonal exactly (a Cayley transform), computed in float64.
+
+Unlike the other passes this one holds the whole model at once (float32, with autograd):
+``memory_estimate`` says how much, and the pass refuses before loading when the machine's
+available memory is smaller.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..format import SCHEMES, linear_names
+from ..quant import WEIGHT_QMAX, WEIGHT_QMIN, online_rotate, qmax
+from . import calibrate, fuse_norms, load, online, rotate
+from .state import ConvertError, ModelState, Part
+
+MOMENTUM = 0.9
+ROTATION_FILE = "rotation/r1.safetensors"  # inside DST; the glob of *.safetensors weights never sees it
+_READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # W <- W @ R1 (writers: R1ᵀ @ W)
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RTN absmax int4 of `w` [out, in] per channel (0) or group, straight-through rounding."""
+    out, k = w.shape
+    wg = w.reshape(out, k // (group_size or k), group_size or k)
+    scale = (wg.abs().amax(-1, keepdim=True) / WEIGHT_QMAX).clamp_min(1e-12)
+    return (torch.clamp(_ste_round(wg / scale), WEIGHT_QMIN, WEIGHT_QMAX) * scale).reshape(out, k)
+
+
+def fake_quant_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token symmetric `bits` quantization of x (as quant.quantize_activation), straight-through rounding."""
+    qm = qmax(bits)
+    scale = (x.abs().amax(-1, keepdim=True) / qm).clamp_min(1e-12)
+    return torch.clamp(_ste_round(x / scale), -qm - 1, qm) * scale
+
+
+class _Rotation:
+    """The one R1 (float32, autograd leaf) every loop linear reads in a step."""
+
+    r: torch.Tensor | None = None
+
+
+class LoopLinear(torch.nn.Module):
+    """A decoder linear in the learning loop: R1 applied to its weight (reader: W R1, writer: R1ᵀ W and
+    b R1), the fixed online rotation of its input, then fake int4 weight and activation quantization."""
+
+    def __init__(self, weight, bias, reader: bool, spec, act_bits, group_size, rot: _Rotation):
+        super().__init__()
+        self.weight, self.bias, self.reader, self.spec = weight, bias, reader, spec
+        self.act_bits, self.group_size, self.rot = act_bits, group_size, rot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.rot.r
+        w = self.weight @ r if self.reader else r.t() @ self.weight
+        b = self.bias if self.bias is None or self.reader else self.bias @ r
+        if self.spec is not None:
+            x = online_rotate(x, self.spec.size, self.spec.k, blocks=self.spec.blocks)
+        if self.act_bits is not None:
+            x = fake_quant_activation(x, self.act_bits)
+        y = x @ fake_quant_weight(w, self.group_size).t()
+        return y if b is None else y + b
+
+
+def _unrotated(state: ModelState, name: str) -> Part:
+    """A part as the converter would write it, but without R1 (the parameter learned here)."""
+    part = load.read_part(state, name)
+    fuse_norms.apply(state, part)
+    rotate.apply_r2(state, part)
+    online.apply_online(state, part)
+    return part
+
+
+class LoopModel:
+    """The whole model in float32 with R1 as an input: loss(r1, ids) = mean next-token cross-entropy."""
+
+    def __init__(self, state: ModelState):
+        self.rot = _Rotation()
+        act_bits = SCHEMES[state.options.scheme][1]
+        self.embed = _unrotated(state, "embed").tensors["model.embed_tokens.weight"].float()
+        self.head = _unrotated(state, "head").tensors["lm_head.weight"].float()  # final norm gain folded in
+        self.eps = float(state.config.get("rms_norm_eps", 1e-6))
+        self.layers = []
+        for i in range(state.num_layers):
+            layer, self.rotary = calibrate._layer_module(state)
+            t = _unrotated(state, f"layer.{i}").tensors
+            pre = f"model.layers.{i}."
+            for name in linear_names(i):
+                b = t.get(f"{name}.bias")
+                lin = LoopLinear(t[f"{name}.weight"].float(), None if b is None else b.float(),
+                                 name.rsplit(".", 1)[1] in _READERS, state.online.get(name), act_bits,
+                                 state.group_size, self.rot)
+                parent, attr = name[len(pre):].rsplit(".", 1)
+                setattr(layer.get_submodule(parent), attr, lin)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                getattr(layer, norm).weight.data = t[f"{pre}{norm}.weight"].float()  # ones: folded
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            self.layers.append(layer)
+
+    def loss(self, r1: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        self.rot.r = r1
+        h = self.embed[ids] @ r1
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        pe = self.rotary(h, pos)
+        for layer in self.layers:
+            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            h = out[0] if isinstance(out, tuple) else out
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # the final norm (gain in the head)
+        logits = (h[:, :-1] @ r1.t()) @ self.head.t()  # the head stays float: rotate back instead of W R1
+        self.rot.r = None
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def cayley_step(x: torch.Tensor, grad: torch.Tensor, mom: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One momentum Cayley SGD step of the orthogonal `x` (float64); returns (x, momentum)."""
+    mom = MOMENTUM * mom + grad
+    a = mom @ x.t() - x @ mom.t()
+    alpha = min(lr, 1.0 / (torch.linalg.matrix_norm(a, ord=1).item() + 1e-8))
+    eye = torch.eye(x.shape[0], dtype=x.dtype)
+    x = torch.linalg.solve(eye + 0.5 * alpha * a, (eye - 0.5 * alpha * a) @ x)
+    return x, mom
+
+
+def memory_estimate(state: ModelState) -> int:
+    """Bytes the learning loop needs (float32): the weights, their rotated and quantized copies kept for
+    autograd, and one step's activations (measured on SmolLM2-135M: see docs/accuracy.md)."""
+    c, o = state.config, state.options
+    h, inter, hd = state.hidden, int(c["intermediate_size"]), state.head_dim
+    nh, nkv = int(c["num_attention_heads"]), int(c.get("num_key_value_heads") or nh)
+    per_layer = h * hd * (nh + 2 * nkv) + nh * hd * h + 3 * h * max(inter, *(s.size for s in state.online.values()), 0)
+    vocab = int(c["vocab_size"])
+    weights = 4 * (6 * state.num_layers * per_layer + 2 * vocab * h)
+    tokens = o.learn_batch * o.calib_len
+    acts = 4 * tokens * (state.num_layers * (24 * h + 10 * inter + 2 * nh * o.calib_len) + 4 * vocab)
+    return weights + acts
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _windows(state: ModelState, n: int) -> tuple[torch.Tensor, int]:
+    """`n` windows of --calib-len tokens from the calibration text, in order (cycling when it runs
+    out); also how many distinct windows the text holds."""
+    from transformers import AutoTokenizer
+
+    o = state.options
+    ids = AutoTokenizer.from_pretrained(state.src)(o.calib.read_text(encoding="utf-8"))["input_ids"]
+    have = len(ids) // o.calib_len
+    if have == 0:
+        raise ConvertError(f"{o.calib}: {len(ids)} tokens, fewer than one --calib-len window of {o.calib_len}")
+    w = torch.tensor(ids[: have * o.calib_len]).reshape(have, o.calib_len)
+    return w[torch.arange(n) % have], have
+
+
+def load_rotation(state: ModelState) -> None:
+    """--rotation FILE: R1 from a file written by --learn-rotation (tensor 'r1', [hidden, hidden])."""
+    path, n = state.options.rotation, state.hidden
+    try:
+        with safe_open(path, framework="pt") as f:
+            r1 = f.get_tensor("r1").double()
+    except Exception as e:  # missing file, not safetensors, no 'r1'
+        raise ConvertError(f"--rotation {path}: not a rotation file written by --learn-rotation ({e})") from None
+    if r1.shape != (n, n):
+        raise ConvertError(f"--rotation {path}: R1 is {tuple(r1.shape)}, the model's hidden size is {n}")
+    err = (r1.t() @ r1 - torch.eye(n, dtype=r1.dtype)).abs().max().item()
+    if err > 1e-6:
+        raise ConvertError(f"--rotation {path}: R1 is not orthogonal (max |R1ᵀR1 − I| = {err:.2e})")
+    state.r1_signs = None
+    state.r1_matrix = r1
+    state.r1 = {"kind": "learned", "size": n, "file": str(path)}
+
+
+def setup(state: ModelState) -> None:
+    o = state.options
+    if o.rotation is not None:
+        if o.learn_rotation:
+            raise ConvertError("--learn-rotation and --rotation FILE exclude each other")
+        if not o.r1:
+            raise ConvertError("--rotation FILE and --no-r1 exclude each other")
+        load_rotation(state)
+        return
+    if not o.learn_rotation:
+        return
+    if o.scheme == "none":
+        raise ConvertError("--learn-rotation learns against the quantization error and --no-quant has none; "
+                           "to write a learned R1 unquantized, pass --rotation DST/rotation/r1.safetensors")
+    if not o.r1 or state.r1 is None:
+        raise ConvertError("--learn-rotation and --no-r1 exclude each other")
+    if o.calib is None or not o.calib.is_file():
+        raise ConvertError(f"--learn-rotation needs a calibration text file (--calib, or the built-in text); got {o.calib}")
+    if o.learn_steps < 1 or o.learn_batch < 1 or not o.learn_lr > 0:
+        raise ConvertError("--learn-steps and --learn-batch must be at least 1 and --learn-lr positive")
+    need, have = memory_estimate(state), _available_memory()
+    if have is not None and need > have:
+        raise ConvertError(
+            f"--learn-rotation needs about {need / 2**30:.1f} GiB (the whole model in float32 with autograd, "
+            f"{o.learn_batch} × {o.calib_len} tokens a step) and {have / 2**30:.1f} GiB is available; "
+            "lower --learn-batch or --calib-len, or use a larger machine")
+    t0 = time.perf_counter()
+    windows, distinct = _windows(state, o.learn_steps * o.learn_batch)
+    model = LoopModel(state)
+    x = rotate._times_r1(state, torch.eye(state.hidden, dtype=torch.float64))  # the converter's own R1
+    mom = torch.zeros_like(x)
+    losses = []
+    bar = tqdm(range(o.learn_steps), desc="learn R1", unit="step", disable=not o.progress)
+    for step in bar:
+        lr = 0.5 * o.learn_lr * (1 + math.cos(math.pi * step / o.learn_steps))
+        r = x.float().requires_grad_(True)
+        loss = model.loss(r, windows[step * o.learn_batch : (step + 1) * o.learn_batch])
+        loss.backward()
+        x, mom = cayley_step(x, r.grad.double(), mom, lr)
+        losses.append(round(loss.item(), 6))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    init = state.r1
+    state.r1_signs, state.r1_matrix = None, x
+    state.r1 = {"kind": "learned", "size": state.hidden, "init": init}
+    state.report["learn_rotation"] = {
+        "method": "Cayley SGD on the Stiefel manifold (momentum 0.9, cosine lr), int4 fake quantization "
+                  "(RTN absmax weights, per-token activations, straight-through rounding) in the loop",
+        "init": init, "steps": o.learn_steps, "lr": o.learn_lr, "windows_per_step": o.learn_batch,
+        "tokens_per_window": o.calib_len, "distinct_windows": min(distinct, len(windows)),
+        "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+        "orthogonality_error": (x.t() @ x - torch.eye(state.hidden, dtype=x.dtype)).abs().max().item(),
+        "memory_estimate_bytes": memory_estimate(state), "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def save(state: ModelState, tmp: Path) -> None:
+    """Write a learned R1 to tmp/rotation/r1.safetensors (read back by --rotation FILE)."""
+    if state.r1 is None or state.r1.get("kind") != "learned":
+        return
+    (tmp / ROTATION_FILE).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"r1": state.r1_matrix.contiguous()}, str(tmp / ROTATION_FILE), metadata={"format": "pt"})
