@@ -1,0 +1,61 @@
+"""benchmarks/peers.py pieces that need neither Brevitas nor a model: flags, row merging, the table."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from vllm_qexpand.cli import build_parser, options_from_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def peers():
+    spec = importlib.util.spec_from_file_location("qexpand_bench_peers", ROOT / "benchmarks" / "peers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("seed", [None, 2])
+def test_flags_give_the_options_measured(peers, seed):
+    """The `qexpand convert` flags shown for a row give the options peers.py converts with."""
+    for config in peers.CONFIGS:
+        for layout in peers.LAYOUTS:
+            flags = peers.qexpand_flags(config, layout, seed)
+            got = options_from_args(build_parser().parse_args(["convert", "src", "dst", *flags]))
+            want = peers.qexpand_options(config, layout)
+            assert tuple(got.online) == tuple(want["online"]), (config, layout, flags)
+            assert [tuple(e) for e in got.expand] == [tuple(e) for e in want.get("expand", [])], flags
+            assert got.gptq == want["gptq"], flags
+            assert got.seed == seed
+            if want["gptq"]:
+                assert got.sequential
+
+
+def test_merge_rows_replaces_only_rerun_rows(peers):
+    old = [dict(tool="qexpand", config="rotation", layout="r2", seed=None, ppl=1.0),
+           dict(tool="brevitas", config="rotation", layout="r2", seed=None, ppl=2.0),
+           dict(tool="qexpand", config="rotation", layout="r2", seed=0, ppl=3.0)]
+    new = [dict(tool="qexpand", config="rotation", layout="r2", seed=None, ppl=9.0)]
+    merged = peers.merge_rows(old, new)
+    assert [r["ppl"] for r in merged] == [2.0, 3.0, 9.0]
+    assert peers.merge_rows(merged, []) == merged
+
+
+def test_table_puts_both_tools_side_by_side(peers):
+    result = {"float_ppl": {"qexpand": 22.366, "brevitas": 22.366}, "rows": [
+        dict(tool="brevitas", config="expand-s3", layout="quarot", seed=None, ppl=60.5, param_overhead=0.05, seconds=40),
+        dict(tool="qexpand", config="rotation", layout="quarot", seed=None, ppl=130.2, param_overhead=0.0, seconds=12),
+        dict(tool="brevitas", config="rotation", layout="quarot", seed=None, ppl=83.886, param_overhead=0.0, seconds=35),
+        dict(tool="qexpand", config="rotation", layout="r2", seed=0, ppl=120.0, param_overhead=0.0, seconds=11),
+    ]}
+    lines = peers.markdown_table(result).splitlines()
+    assert lines[0].startswith("| config | layout | R1 | qexpand PPL | Brevitas PPL")
+    assert lines[2] == "| float | — | — | 22.366 | 22.366 | — | — | — | — |"
+    body = lines[3:]
+    # configs in CONFIGS order, layouts r2 before quarot, plain Hadamard before seeds
+    assert body[0] == "| rotation | r2 | seed 0 | 120.00 | — | +0.0% | — | 11 | — |"
+    assert body[1] == "| rotation | quarot | Hadamard | 130.20 | 83.89 | +0.0% | +0.0% | 12 | 35 |"
+    assert body[2] == "| expand-s3 | quarot | Hadamard | — | 60.50 | — | +5.0% | — | 40 |"
+    assert len(body) == 3
