@@ -86,8 +86,26 @@ def qexpand_flags(config: str, layout: str, seed: int | None) -> list[str]:
     return flags + ([] if seed is None else ["--seed", str(seed)])
 
 
+def overrides_label(overrides: dict | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((overrides or {}).items()))
+
+
 def row_key(row: dict) -> tuple:
-    return row["tool"], row["config"], row["layout"], row.get("seed")
+    return row["tool"], row["config"], row["layout"], row.get("seed"), overrides_label(row.get("overrides"))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """--brevitas-set KEY=VALUE (VALUE read as JSON when it parses: true, 8, "x"; else a string)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--brevitas-set {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -97,11 +115,13 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
 
 
 def markdown_table(result: dict) -> str:
-    """One line per (config, layout, R1), both tools side by side."""
-    rows = result["rows"]
+    """One line per (config, layout, R1), both tools side by side; then Brevitas's A/B rows
+    (recipe changes from --brevitas-set) against its own recipe."""
+    allrows = result["rows"]
+    rows = [r for r in allrows if not r.get("overrides")]
     order = {c: i for i, c in enumerate(CONFIGS)}
     lorder = {c: i for i, c in enumerate(LAYOUTS)}
-    by = {row_key(r): r for r in rows}
+    by = {row_key(r)[:4]: r for r in rows}
     lines_keys = sorted({(r["config"], r["layout"], r.get("seed")) for r in rows},
                         key=lambda k: (order.get(k[0], 99), k[0], lorder.get(k[1], 9), -1 if k[2] is None else k[2]))
     head = ["config", "layout", "R1", "qexpand PPL", "Brevitas PPL", "qexpand params", "Brevitas params",
@@ -122,6 +142,14 @@ def markdown_table(result: dict) -> str:
         par = lambda r: cell(r, "param_overhead", lambda x: f"+{100 * x:.1f}%")  # noqa: E731
         sec = lambda r: cell(r, "seconds", lambda x: f"{x:.0f}")  # noqa: E731
         out.append(f"| {config} | {layout} | {r1} | {ppl(q)} | {ppl(b)} | {par(q)} | {par(b)} | {sec(q)} | {sec(b)} |")
+    ab = sorted((r for r in allrows if r.get("overrides")),
+                key=lambda r: (order.get(r["config"], 99), lorder.get(r["layout"], 9), overrides_label(r["overrides"])))
+    if ab:
+        out += ["", "| config | layout | Brevitas recipe change | Brevitas PPL | its recipe |", "|---|---|---|---|---|"]
+        for r in ab:
+            base = by.get(("brevitas", r["config"], r["layout"], r.get("seed")))
+            out.append(f"| {r['config']} | {r['layout']} | `{overrides_label(r['overrides'])}` | {r['ppl']:.2f} | "
+                       f"{cell(base, 'ppl', lambda x: f'{x:.2f}')} |")
     return "\n".join(out)
 
 
@@ -171,10 +199,11 @@ def score_qexpand(path: Path) -> float:
     return perplexity(load_model(path), _EVAL_IDS, WINDOW, PPL_TOKENS, progress=False)["ppl"]
 
 
-def run_brevitas(python: str, model: Path, config: str, layout: str, calib, evalw, work: Path) -> dict:
+def run_brevitas(python: str, model: Path, config: str, layout: str, calib, evalw, work: Path,
+                 overrides: dict | None = None) -> dict:
     gptq, steps = CONFIGS[config]
     job = dict(model=str(model), calib=calib, eval=evalw, layout=layout, gptq=gptq,
-               expand=["down_proj", steps] if steps else None, threads=1)
+               expand=["down_proj", steps] if steps else None, threads=1, overrides=overrides or {})
     job_path, out_path = work / f"job-{config}-{layout}.json", work / f"out-{config}-{layout}.json"
     job_path.write_text(json.dumps(job))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
@@ -197,6 +226,9 @@ def main() -> int:
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--brevitas-python", default=sys.executable,
                     help="interpreter of a venv with brevitas[llm,hadamard]==0.13.4 (default: this one)")
+    ap.add_argument("--brevitas-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="A/B: change one of Brevitas's quantize_llm args (by dest name, e.g. input_narrow_range=true); "
+                         "the row is kept apart from the recipe's rows")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--table", type=Path, default=None, metavar="JSON", help="print the table of an earlier run and exit")
     args = ap.parse_args()
@@ -216,6 +248,9 @@ def main() -> int:
         if bad:
             raise SystemExit(f"unknown {bad}; choose from {list(known)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [None]
+    overrides = parse_overrides(args.brevitas_set)
+    if overrides and "qexpand" in tools:
+        raise SystemExit("--brevitas-set changes Brevitas's recipe only: pass --tools brevitas")
 
     date = datetime.date.today().isoformat()
     out = args.out or ROOT / "benchmarks" / "results" / f"peers-{date}.json"
@@ -260,11 +295,12 @@ def main() -> int:
                         print(json.dumps(row), flush=True)
                         save([row])
                 if "brevitas" in tools:
-                    r = run_brevitas(args.brevitas_python, args.model, config, layout, calib, evalw, work)
+                    r = run_brevitas(args.brevitas_python, args.model, config, layout, calib, evalw, work, overrides)
                     result["float_ppl"]["brevitas"] = r["float_ppl"]
                     row = dict(tool="brevitas", config=config, layout=layout, seed=None,
-                               **{k: r[k] for k in ("ppl", "param_overhead", "seconds", "float_ppl",
-                                                    "eval_seconds", "process_seconds", "online_layer0",
+                               **({"overrides": overrides} if overrides else {}),
+                               **{k: r.get(k) for k in ("ppl", "param_overhead", "seconds", "float_ppl",
+                                                    "eval_seconds", "process_seconds", "online_layer0", "quantized",
                                                     "brevitas", "recipe")})
                     print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
                     save([row])

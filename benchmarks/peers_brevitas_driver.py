@@ -6,7 +6,8 @@ Started by benchmarks/peers.py with the interpreter of a venv that has
 ``brevitas[llm,hadamard]==0.13.4`` (never imported by the vllm-qexpand venv). JOB.json:
 
     {"model": DIR, "calib": [[token ids] x 16], "eval": [[token ids] x 8],
-     "layout": "r2" | "quarot", "gptq": bool, "expand": null | ["down_proj", STEPS], "threads": 1}
+     "layout": "r2" | "quarot", "gptq": bool, "expand": null | ["down_proj", STEPS], "threads": 1,
+     "overrides": {}}   # optional: more quantize_llm args by dest name, for A/Bs (e.g. input_narrow_range)
 
 The recipe is Brevitas's own QuaRot* grid, ``brevitas_examples/papers/expansion/quarot_star.yaml``
 (first value of every list), passed to ``brevitas_examples.llm.main.quantize_llm`` as its argparse
@@ -54,6 +55,7 @@ def job_overrides(job: dict) -> dict:
         o.update(rotation_layers_to_expand=[layer], expansion_step=int(steps))
     else:
         o.update(rotation_layers_to_expand=[], expansion_step=0)
+    o.update(job.get("overrides") or {})
     return o
 
 
@@ -149,6 +151,12 @@ def main() -> int:
     total = time.perf_counter() - t0
     from brevitas.nn.equalized_layer import RotatedModule
 
+    from brevitas.nn import QuantLinear
+
+    qlin = [m for m in _model.modules() if isinstance(m, QuantLinear)]
+    quantized = {"linears": len(qlin),  # what Brevitas quantized: weights and inputs (activations)
+                 "weight_quant": sum(bool(m.weight_quant.is_quant_enabled) for m in qlin),
+                 "input_quant": sum(bool(m.input_quant.is_quant_enabled) for m in qlin)}
     online = sorted(n.split(".")[-1] for n, m in _model.named_modules()  # layers with an online Hadamard
                     if isinstance(m, RotatedModule) and ".layers.0." in f".{n}.")
     out = {
@@ -158,6 +166,7 @@ def main() -> int:
         "seconds": round(total - eval_s[0], 1),
         "eval_seconds": round(eval_s[0], 1),
         "online_layer0": online,
+        "quantized": quantized,
         "recipe": {"yaml": yaml_path, "overrides": over, "yaml_keys_unknown_to_0.13.4": dropped,
                    "args": {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, list, type(None)))}},
         "brevitas": __import__("brevitas").__version__, "torch": torch.__version__,

@@ -59,3 +59,18 @@ def test_table_puts_both_tools_side_by_side(peers):
     assert body[1] == "| rotation | quarot | Hadamard | 130.20 | 83.89 | +0.0% | +0.0% | 12 | 35 |"
     assert body[2] == "| expand-s3 | quarot | Hadamard | — | 60.50 | — | +5.0% | — | 40 |"
     assert len(body) == 3
+
+
+def test_brevitas_ab_rows_stay_apart(peers):
+    """--brevitas-set rows neither replace nor sit in the side-by-side table; they get their own."""
+    assert peers.parse_overrides(["input_narrow_range=true", "weight_bit_width=8", "weight_param_method=stats"]) == {
+        "input_narrow_range": True, "weight_bit_width": 8, "weight_param_method": "stats"}
+    with pytest.raises(SystemExit):
+        peers.parse_overrides(["no-equals-sign"])
+    recipe = dict(tool="brevitas", config="rotation", layout="r2", seed=None, ppl=72.343, param_overhead=0.0, seconds=33)
+    ab = dict(recipe, ppl=86.302, overrides={"input_narrow_range": True})
+    rows = peers.merge_rows([recipe], [ab])
+    assert rows == [recipe, ab]
+    lines = peers.markdown_table({"rows": rows}).splitlines()
+    assert lines[2] == "| rotation | r2 | Hadamard | — | 72.34 | — | +0.0% | — | 33 |"
+    assert lines[-1] == "| rotation | r2 | `input_narrow_range=True` | 86.30 | 72.34 |"
