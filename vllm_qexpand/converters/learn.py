@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -36,9 +37,11 @@ from tqdm import tqdm
 from ..format import SCHEMES, linear_names
 from ..quant import WEIGHT_QMAX, WEIGHT_QMIN, online_rotate, qmax
 from . import calibrate, fuse_norms, load, online, rotate
+from .clip import choose_scale
 from .state import ConvertError, ModelState, Part
 
 MOMENTUM = 0.9
+CLIP_EVERY = 10  # steps between refreshes of the clip ratios (the --clip search on the rotated weights)
 ROTATION_FILE = "rotation/r1.safetensors"  # inside DST; the glob of *.safetensors weights never sees it
 _READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # W <- W @ R1 (writers: R1ᵀ @ W)
 
@@ -47,11 +50,13 @@ def _ste_round(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def fake_quant_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RTN absmax int4 of `w` [out, in] per channel (0) or group, straight-through rounding."""
+def fake_quant_weight(w: torch.Tensor, group_size: int, ratio: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """RTN int4 of `w` [out, in] per channel (0) or group at scale ratio · absmax / 7 (`ratio` [out, groups]:
+    the clip rule's), straight-through rounding."""
     out, k = w.shape
     wg = w.reshape(out, k // (group_size or k), group_size or k)
-    scale = (wg.abs().amax(-1, keepdim=True) / WEIGHT_QMAX).clamp_min(1e-12)
+    ratio = ratio.unsqueeze(-1) if isinstance(ratio, torch.Tensor) else ratio
+    scale = (wg.abs().amax(-1, keepdim=True) * ratio / WEIGHT_QMAX).clamp_min(1e-12)
     return (torch.clamp(_ste_round(wg / scale), WEIGHT_QMIN, WEIGHT_QMAX) * scale).reshape(out, k)
 
 
@@ -76,16 +81,20 @@ class LoopLinear(torch.nn.Module):
         super().__init__()
         self.weight, self.bias, self.reader, self.spec = weight, bias, reader, spec
         self.act_bits, self.group_size, self.rot = act_bits, group_size, rot
+        self.ratio: torch.Tensor | float = 1.0  # clip ratio per channel/group (LoopModel.refresh_clip)
+
+    def rotated(self, r: torch.Tensor) -> torch.Tensor:
+        return self.weight @ r if self.reader else r.t() @ self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rot.r
-        w = self.weight @ r if self.reader else r.t() @ self.weight
+        w = self.rotated(r)
         b = self.bias if self.bias is None or self.reader else self.bias @ r
         if self.spec is not None:
             x = online_rotate(x, self.spec.size, self.spec.k, blocks=self.spec.blocks)
         if self.act_bits is not None:
             x = fake_quant_activation(x, self.act_bits)
-        y = x @ fake_quant_weight(w, self.group_size).t()
+        y = x @ fake_quant_weight(w, self.group_size, self.ratio).t()
         return y if b is None else y + b
 
 
@@ -99,15 +108,17 @@ def _unrotated(state: ModelState, name: str) -> Part:
 
 
 class LoopModel:
-    """The whole model in float32 with R1 as an input: loss(r1, ids) = mean next-token cross-entropy."""
+    """The whole model in float32 with R1 as an input: loss(r1, ids) = mean next-token cross-entropy.
+    `checkpoint`: keep only each decoder layer's input for the backward pass and run the layer again there
+    (activation checkpointing: about one more forward pass, a fraction of the memory)."""
 
-    def __init__(self, state: ModelState):
-        self.rot = _Rotation()
+    def __init__(self, state: ModelState, checkpoint: bool = False):
+        self.rot, self.checkpoint = _Rotation(), checkpoint
         act_bits = SCHEMES[state.options.scheme][1]
         self.embed = _unrotated(state, "embed").tensors["model.embed_tokens.weight"].float()
         self.head = _unrotated(state, "head").tensors["lm_head.weight"].float()  # final norm gain folded in
         self.eps = float(state.config.get("rms_norm_eps", 1e-6))
-        self.layers = []
+        self.layers, self.linears, self.clip = [], [], state.options.clip
         for i in range(state.num_layers):
             layer, self.rotary = calibrate._layer_module(state)
             t = _unrotated(state, f"layer.{i}").tensors
@@ -119,20 +130,35 @@ class LoopModel:
                                  state.group_size, self.rot)
                 parent, attr = name[len(pre):].rsplit(".", 1)
                 setattr(layer.get_submodule(parent), attr, lin)
+                self.linears.append(lin)
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 getattr(layer, norm).weight.data = t[f"{pre}{norm}.weight"].float()  # ones: folded
             for p in layer.parameters():
                 p.requires_grad_(False)
             self.layers.append(layer)
 
+    def refresh_clip(self, r1: torch.Tensor) -> None:
+        """Each linear's clip ratios: the conversion's --clip rule on its weight rotated by `r1` (no gradient)."""
+        with torch.no_grad():
+            for lin in self.linears:
+                w = lin.rotated(r1.float())
+                absmax = w.reshape(w.shape[0], -1, lin.group_size or w.shape[1]).abs().amax(-1)
+                lin.ratio = choose_scale(w, lin.group_size, self.clip) * WEIGHT_QMAX / absmax.clamp_min(1e-12)
+
+    def _layer(self, layer, h: torch.Tensor, r1: torch.Tensor, pos, pe) -> torch.Tensor:
+        self.rot.r = r1  # set here, not once per step: a checkpointed layer runs again in the backward pass
+        out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+        return out[0] if isinstance(out, tuple) else out
+
     def loss(self, r1: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        self.rot.r = r1
         h = self.embed[ids] @ r1
         pos = torch.arange(ids.shape[1]).unsqueeze(0)
         pe = self.rotary(h, pos)
         for layer in self.layers:
-            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            h = out[0] if isinstance(out, tuple) else out
+            if self.checkpoint:
+                h = torch.utils.checkpoint.checkpoint(self._layer, layer, h, r1, pos, pe, use_reentrant=False)
+            else:
+                h = self._layer(layer, h, r1, pos, pe)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # the final norm (gain in the head)
         logits = (h[:, :-1] @ r1.t()) @ self.head.t()  # the head stays float: rotate back instead of W R1
         self.rot.r = None
@@ -149,18 +175,26 @@ def cayley_step(x: torch.Tensor, grad: torch.Tensor, mom: torch.Tensor, lr: floa
     return x, mom
 
 
-def memory_estimate(state: ModelState) -> int:
-    """Bytes the learning loop needs (float32): the weights, their rotated and quantized copies kept for
-    autograd, and one step's activations (measured on SmolLM2-135M: see docs/accuracy.md)."""
+def memory_estimate(state: ModelState, checkpoint: bool = False) -> int:
+    """Bytes the learning loop needs (float32): the weights and the rotated and quantized copies autograd keeps
+    (~6 per linear weight), one step's activations (per token and layer ~32·hidden + 16·intermediate +
+    4·heads·window floats, plus 4 vocab-sized rows for the logits), and 20% for the allocator. Fitted to
+    SmolLM2-135M (docs/accuracy.md: 6.6–8.2 GiB peak at 1 × 512 tokens, killed at 14.3 GiB at 3 × 512).
+    With `checkpoint` only one layer at a time holds its copies and activations; the others keep their input."""
     c, o = state.config, state.options
     h, inter, hd = state.hidden, int(c["intermediate_size"]), state.head_dim
-    nh, nkv = int(c["num_attention_heads"]), int(c.get("num_key_value_heads") or nh)
-    per_layer = h * hd * (nh + 2 * nkv) + nh * hd * h + 3 * h * max(inter, *(s.size for s in state.online.values()), 0)
-    vocab = int(c["vocab_size"])
-    weights = 4 * (6 * state.num_layers * per_layer + 2 * vocab * h)
-    tokens = o.learn_batch * o.calib_len
-    acts = 4 * tokens * (state.num_layers * (24 * h + 10 * inter + 2 * nh * o.calib_len) + 4 * vocab)
-    return weights + acts
+    nh, nkv = int(c["num_attention_heads"]), int(c.get("num_key_value_heads") or c["num_attention_heads"])
+    width = max([inter, *(s.size for s in state.online.values())])
+    per_layer = h * hd * (nh + 2 * nkv) + nh * hd * h + 3 * h * width
+    vocab, n = int(c["vocab_size"]), state.num_layers
+    layer_acts = 32 * h + 16 * width + 4 * nh * o.calib_len  # floats per token
+    if checkpoint:
+        weights = (n + 6) * per_layer + 2 * vocab * h
+        acts = o.learn_batch * o.calib_len * (n * h + layer_acts + 4 * vocab)
+    else:
+        weights = 6 * n * per_layer + 2 * vocab * h
+        acts = o.learn_batch * o.calib_len * (n * layer_acts + 4 * vocab)
+    return int(1.2 * 4 * (weights + acts))
 
 
 def _available_memory() -> int | None:
@@ -225,20 +259,27 @@ def setup(state: ModelState) -> None:
         raise ConvertError(f"--learn-rotation needs a calibration text file (--calib, or the built-in text); got {o.calib}")
     if o.learn_steps < 1 or o.learn_batch < 1 or not o.learn_lr > 0:
         raise ConvertError("--learn-steps and --learn-batch must be at least 1 and --learn-lr positive")
-    need, have = memory_estimate(state), _available_memory()
+    have = _available_memory()
+    checkpoint = have is not None and memory_estimate(state) > have
+    need = memory_estimate(state, checkpoint)
     if have is not None and need > have:
         raise ConvertError(
-            f"--learn-rotation needs about {need / 2**30:.1f} GiB (the whole model in float32 with autograd, "
-            f"{o.learn_batch} × {o.calib_len} tokens a step) and {have / 2**30:.1f} GiB is available; "
-            "lower --learn-batch or --calib-len, or use a larger machine")
+            f"--learn-rotation needs about {need / 2**30:.1f} GiB (the whole model in float32 with autograd and "
+            f"activation checkpointing, {o.learn_batch} × {o.calib_len} tokens a step) and {have / 2**30:.1f} GiB "
+            "is available; lower --learn-batch or --calib-len, or use a larger machine")
     t0 = time.perf_counter()
     windows, distinct = _windows(state, o.learn_steps * o.learn_batch)
-    model = LoopModel(state)
+    model = LoopModel(state, checkpoint)
+    if checkpoint:
+        state.report["notes"].append(f"--learn-rotation: activation checkpointing (the plain loop needs about "
+                                     f"{memory_estimate(state) / 2**30:.1f} GiB, {have / 2**30:.1f} GiB is available)")
     x = rotate._times_r1(state, torch.eye(state.hidden, dtype=torch.float64))  # the converter's own R1
     mom = torch.zeros_like(x)
     losses = []
     bar = tqdm(range(o.learn_steps), desc="learn R1", unit="step", disable=not o.progress)
     for step in bar:
+        if step % CLIP_EVERY == 0:
+            model.refresh_clip(x)
         lr = 0.5 * o.learn_lr * (1 + math.cos(math.pi * step / o.learn_steps))
         r = x.float().requires_grad_(True)
         loss = model.loss(r, windows[step * o.learn_batch : (step + 1) * o.learn_batch])
@@ -256,7 +297,7 @@ def setup(state: ModelState) -> None:
         "tokens_per_window": o.calib_len, "distinct_windows": min(distinct, len(windows)),
         "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
         "orthogonality_error": (x.t() @ x - torch.eye(state.hidden, dtype=x.dtype)).abs().max().item(),
-        "memory_estimate_bytes": memory_estimate(state), "seconds": round(time.perf_counter() - t0, 3),
+        "activation_checkpointing": checkpoint, "memory_estimate_bytes": need, "seconds": round(time.perf_counter() - t0, 3),
     }
 
 

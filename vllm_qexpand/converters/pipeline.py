@@ -105,26 +105,28 @@ def convert(src: str | Path, dst: str | Path, options: Options | None = None) ->
 
 def recipe(o: Options) -> str:
     """One line naming what the conversion did (printed by the CLI, stored in the report)."""
+    text = "the built-in text" if o.calib_builtin and o.calib and o.calib.name == "calibration-books.txt" else str(o.calib)
+    r1 = []
+    if o.learn_rotation:
+        r1 = [f"learned R1 ({o.learn_steps} Cayley SGD steps of {o.learn_batch}x{o.calib_len} tokens of {text})"]
+    elif o.rotation is not None:
+        r1 = [f"R1 from {o.rotation}"]
     if o.scheme == "none":
-        return "no quantization (rotated, expanded float weights)"
+        return ", ".join(["no quantization (rotated, expanded float weights)", *r1])
     parts = [f"{o.scheme}", f"clip {o.clip}"]
     if o.gptq:
         parts.append(f"GPTQ ({'act-order, ' if o.act_order else ''}{o.damp:g} damping, "
                      f"{'sequential in-layer' if o.sequential else 'float-layer Hessians'})")
     else:
-        data_free = o.saliency == "none" and o.refine == "none" and o.expand_budget is None
+        data_free = o.saliency == "none" and o.refine == "none" and o.expand_budget is None and not o.learn_rotation
         parts.append("round-to-nearest (data-free)" if data_free else "round-to-nearest")
     if o.saliency != "none":
         parts.append(f"saliency {o.saliency}")
     if o.refine != "none":
         parts.append(f"refine {o.refine}")
-    if o.learn_rotation:
-        parts.append(f"learned R1 ({o.learn_steps} Cayley SGD steps of {o.learn_batch}x{o.calib_len} tokens)")
-    elif o.rotation is not None:
-        parts.append(f"R1 from {o.rotation}")
-    if o.calib is not None:
-        parts.append(f"calibration {o.calib_samples}x{o.calib_len} tokens of "
-                     + ("the built-in text" if o.calib_builtin and o.calib.name == "calibration-books.txt" else str(o.calib)))
+    parts += r1
+    if o.calib is not None and (o.gptq or o.saliency != "none" or o.refine != "none" or o.expand_budget is not None):
+        parts.append(f"calibration {o.calib_samples}x{o.calib_len} tokens of {text}")
     return ", ".join(parts)
 
 
