@@ -128,23 +128,19 @@ def main() -> int:
     defaults.update(over)
     args, extra = parse_args(parser, [], override_defaults=defaults)
 
-    # parameters of the decoder linears before/after (expansion pads the expanded layers' inputs)
+    # parameters of all linears (lm_head included, as `convert` counts them) before/after expansion
     counted = {}
-
-    t0 = time.perf_counter()
     orig_layerwise = bmain.layerwise_quantize
 
     def layerwise_quantize(model, **kw):  # runs after rotation/expansion, before quantization
-        counted["after"] = sum(m.weight.numel() for n, m in model.named_modules()
-                               if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}")
+        counted["after"] = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         return orig_layerwise(model=model, **kw)
 
     bmain.layerwise_quantize = layerwise_quantize
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
-    counted["before"] = sum(m.weight.numel() for n, m in ref.named_modules()
-                            if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}")
+    counted["before"] = sum(m.weight.numel() for m in ref.modules() if isinstance(m, torch.nn.Linear))
     del ref
     t0 = time.perf_counter()
     result, _model = bmain.quantize_llm(args, extra)
