@@ -20,7 +20,10 @@ What is patched, in this process only (site-packages untouched):
   the first of each window, token-weighted mean NLL, float32 log-softmax (Brevitas's own scores only the
   second half of each window);
 - ``llm_quant.gpxq.send_to_device``: its block-sequential GPTQ sends block inputs to 'cuda'
-  unconditionally; on a machine without CUDA that target becomes 'cpu'.
+  unconditionally; on a machine without CUDA that target becomes 'cpu';
+- ``accelerate_utils.accelerate.calc_cpu_device_map``: the CPU memory budget of its ``offload_model`` is the
+  machine's total memory, not 70% of what is free at that moment (on a shared machine the latter falls below the
+  model's size and Brevitas stops, asking for a disk offload directory).
 """
 from __future__ import annotations
 
@@ -115,6 +118,14 @@ def main() -> int:
             device = "cpu"
         return send(tensor, device, *a, **k)
 
+    # accelerate's CPU budget is 70% of the memory *available now* minus 2 GB: on a shared machine it can fall
+    # below the model's size and Brevitas then asks for a disk offload dir; the model is on the CPU already,
+    # so the budget is the machine's total memory (the placement stays: everything on "cpu")
+    import psutil
+
+    import brevitas_examples.common.accelerate_utils.accelerate as bacc
+
+    bacc.calc_cpu_device_map = lambda *a, **k: {"cpu": float(psutil.virtual_memory().total)}
     bmain.get_dataset_for_model = get_dataset_for_model
     bmain.compute_perplexity = compute_perplexity
     gpxq.send_to_device = send_to_device
