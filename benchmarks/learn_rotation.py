@@ -33,9 +33,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from accuracy import cli_flags  # noqa: E402  (the `qexpand convert` flags of a config)
 ROTATION_FILE = "rotation/r1.safetensors"  # converters/learn.py ROTATION_FILE
 
-# name -> converter options on top of W4A4 (learned*: with the seed's learned R1)
+# name -> converter options on top of W4A4. A name in LEARN_RUNS is a learning conversion of its own
+# (`--rtn --learn-rotation` + its options); "RUN+X" converts with RUN's learned R1 (`--rotation`) and X's options.
 CONFIGS = {
     "rotation": dict(),
     "expand-s1": dict(expand=[("down_proj", 1)]),
@@ -47,7 +50,15 @@ CONFIGS = {
     "learned+expand-s5": dict(expand=[("down_proj", 5)]),
     "learned+gptq": dict(gptq=True),
     "learned+expand-s3+gptq": dict(expand=[("down_proj", 3)], gptq=True),
+    # learned with the expanded Hadamard in the loop (its own learning run), RTN
+    "learned-with-expand-s3": dict(expand=[("down_proj", 3)]),
+    # learned with float weights in the loop (W16A4, its own learning run), then GPTQ with that R1
+    "learned-float-weights": dict(learn_weights="float"),
+    "learned-float-weights+gptq": dict(gptq=True),
 }
+
+
+LEARN_RUNS = ("learned", "learned-with-expand-s3", "learned-float-weights")
 
 
 def markdown_table(result: dict) -> str:
@@ -65,11 +76,11 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def learn(model: Path, dst: Path, seed: int, steps: int) -> dict:
-    """Run `qexpand convert --rtn --learn-rotation` in a subprocess (unless dst holds one already)."""
+def learn(model: Path, dst: Path, seed: int, steps: int, flags: list[str] = ()) -> dict:
+    """Run `qexpand convert --rtn --learn-rotation [flags]` in a subprocess (unless dst holds one already)."""
     if not (dst / ROTATION_FILE).is_file():
         cmd = [sys.executable, "-m", "vllm_qexpand.cli", "convert", str(model), str(dst), "--rtn", "--learn-rotation",
-               "--seed", str(seed), "--learn-steps", str(steps), "--force", "--quiet"]
+               "--seed", str(seed), "--learn-steps", str(steps), "--force", "--quiet", *(f for f in flags if f != "--rtn")]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         cost = {"wall_s": round(time.perf_counter() - t0, 1),
@@ -137,22 +148,22 @@ def main() -> int:
         return round(perplexity(load_model(path), ids, 512, args.ppl_tokens, progress=False)["ppl"], 3)
 
     for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
-        learned = work / f"learned-s{seed}"
-        if any(c.startswith("learned") for c in configs):
-            cost = learn(args.model, learned, seed, args.learn_steps)
         for name in configs:
-            if name == "learned":
-                rep = json.loads((learned / "qexpand_report.json").read_text())
-                save({"config": name, "seed": seed, "ppl": score(learned), "param_overhead": rep["param_overhead"],
-                      **cost})
+            run, _, reuse = name.partition("+")
+            if run in LEARN_RUNS:  # a learning conversion of its own (reused if --work holds it)
+                dst = work / f"{run}-s{seed}"
+                cost = learn(args.model, dst, seed, args.learn_steps, cli_flags(CONFIGS[run]))
+            if run in LEARN_RUNS and not reuse:
+                rep = json.loads((dst / "qexpand_report.json").read_text())
+                save({"config": name, "seed": seed, "ppl": score(dst), "param_overhead": rep["param_overhead"], **cost})
                 continue
             opts = dict(CONFIGS[name], progress=False, force=True, calib=calib, seed=seed)
-            if name.startswith("learned"):
-                opts.update(rotation=learned / ROTATION_FILE)
-            dst = work / f"{name}-s{seed}"
+            if run in LEARN_RUNS:
+                opts.update(rotation=dst / ROTATION_FILE)
+            out_dir = work / f"{name}-s{seed}"
             t0 = time.perf_counter()
-            rep = convert(args.model, dst, Options(**opts))
-            save({"config": name, "seed": seed, "ppl": score(dst), "param_overhead": rep["param_overhead"],
+            rep = convert(args.model, out_dir, Options(**opts))
+            save({"config": name, "seed": seed, "ppl": score(out_dir), "param_overhead": rep["param_overhead"],
                   "convert_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
                   "load": os.getloadavg()[0]})
     print(markdown_table(result))

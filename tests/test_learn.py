@@ -139,12 +139,13 @@ def test_unquantized_with_learned_r1_preserves_function(tmp_path, learned, small
 @pytest.mark.parametrize("opts", [
     dict(scheme="w4a8", expand=[("down_proj", 1)], tp_blocks=2),
     dict(scheme="w4a16", group_size=8, online=("down_proj", "o_proj"), expand=[("o_proj", 1)]),
-    dict(scheme="w4a4", gptq=True, calib_samples=2),
-], ids=["w4a8-expand-tp2", "w4a16-g8-online-o", "w4a4-gptq"])
+    dict(scheme="w4a4", gptq=True, calib_samples=2, learn_weights="float"),
+], ids=["w4a8-expand-tp2", "w4a16-g8-online-o", "w4a4-gptq-float-weights-in-loop"])
 def test_composes_with_schemes_expansion_tp_blocks_and_gptq(tmp_path, small, calib, opts):
     dst = tmp_path / "q"
     report = convert(small, dst, Options(calib=calib, **{**LEARN, "learn_steps": 2}, **opts))
     assert report["r1"]["kind"] == "learned" and report["learn_rotation"]["orthogonality_error"] <= 1e-5
+    assert report["learn_rotation"]["weights_in_loop"] == opts.get("learn_weights", "rtn")
     model = load_model(dst)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 300, (1, 16))).logits).all()
@@ -182,6 +183,8 @@ def test_bad_options_and_files_are_refused(tmp_path, small, calib, monkeypatch):
         convert(small, tmp_path / "a", Options(scheme="none", calib=calib, **LEARN))
     with pytest.raises(ConvertError, match="--no-r1 exclude"):
         convert(small, tmp_path / "a", Options(r1=False, calib=calib, **LEARN))
+    with pytest.raises(ConvertError, match="--learn-weights 'int8'"):
+        convert(small, tmp_path / "a", Options(calib=calib, **LEARN, learn_weights="int8"))
     with pytest.raises(ConvertError, match="needs a calibration text"):
         convert(small, tmp_path / "a", Options(**LEARN))
     bad = tmp_path / "bad.safetensors"
@@ -205,8 +208,9 @@ def test_cli_flags_reach_the_options(small):
     from vllm_qexpand import cli
 
     args = cli.build_parser().parse_args(["convert", "s", "d", "--learn-rotation", "--learn-steps", "7",
-                                          "--learn-lr", "0.5", "--learn-batch", "3", "--rtn"])
+                                          "--learn-lr", "0.5", "--learn-batch", "3", "--rtn", "--learn-weights", "float"])
     o = cli.options_from_args(args)
     assert o.learn_rotation and (o.learn_steps, o.learn_lr, o.learn_batch) == (7, 0.5, 3) and not o.gptq
+    assert o.learn_weights == "float"
     o = cli.options_from_args(cli.build_parser().parse_args(["convert", "s", "d", "--rotation", "r.safetensors"]))
     assert str(o.rotation) == "r.safetensors" and not o.learn_rotation

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--learn-rotation peak learning rate, cosine schedule (default: 1.5)")
     c.add_argument("--learn-batch", type=int, default=1, metavar="W",
                    help="--learn-rotation calibration windows of --calib-len tokens per step (default: 1)")
+    c.add_argument("--learn-weights", choices=["rtn", "float"], default="rtn",
+                   help="--learn-rotation: weights in the loop fake-quantized as the conversion's round-to-nearest "
+                        "(default) or left float (SpinQuant's W16A4 setting for GPTQ)")
     c.add_argument("--rotation", type=Path, default=None, metavar="FILE",
                    help="use the R1 a previous --learn-rotation wrote (DST/rotation/r1.safetensors)")
     c.add_argument("--no-r1", action="store_true", help="skip the residual rotation R1 (baselines only)")
@@ -187,7 +190,8 @@ def options_from_args(args):
         saliency=args.saliency, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
         refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr, refine_band=args.refine_band,
         refine_heldout=args.refine_heldout, learn_rotation=args.learn_rotation, learn_steps=args.learn_steps,
-        learn_lr=args.learn_lr, learn_batch=args.learn_batch, rotation=args.rotation,
+        learn_lr=args.learn_lr, learn_batch=args.learn_batch, learn_weights=args.learn_weights,
+        rotation=args.rotation,
     )
 
 

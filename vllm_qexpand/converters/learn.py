@@ -3,8 +3,9 @@
 R1 starts as the converter's own (the Hadamard of rotate.setup_r1, random signs with --seed)
 and is optimised as an orthogonal matrix to minimise the model's next-token cross-entropy on
 calibration windows, with the scheme's int4 weight and activation quantization in the loop
-(fake quantization, straight-through rounding; per-channel or per-group RTN absmax weights,
-per-token activations). Everything else in the loop is what the converter writes: folded
+(fake quantization, straight-through rounding; round-to-nearest weights per channel or group at
+the clip ratios the conversion's --clip rule picks for the currently rotated weights, refreshed
+every CLIP_EVERY steps; per-token activations). Everything else in the loop is what the converter writes: folded
 norms, the per-head R2, and the online Hadamards with their expansion, all fixed. The
 learned R1 then replaces the Hadamard for every later pass (GPTQ, budget, Fisher, the fusion
 into the weights), so the checkpoint format is unchanged; it is also written to
@@ -41,6 +42,7 @@ from .clip import choose_scale
 from .state import ConvertError, ModelState, Part
 
 MOMENTUM = 0.9
+LEARN_WEIGHTS = ("rtn", "float")  # weights in the loop: fake-quantized as the conversion's RTN, or float (W16A4)
 CLIP_EVERY = 10  # steps between refreshes of the clip ratios (the --clip search on the rotated weights)
 ROTATION_FILE = "rotation/r1.safetensors"  # inside DST; the glob of *.safetensors weights never sees it
 _READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # W <- W @ R1 (writers: R1ᵀ @ W)
@@ -77,9 +79,10 @@ class LoopLinear(torch.nn.Module):
     """A decoder linear in the learning loop: R1 applied to its weight (reader: W R1, writer: R1ᵀ W and
     b R1), the fixed online rotation of its input, then fake int4 weight and activation quantization."""
 
-    def __init__(self, weight, bias, reader: bool, spec, act_bits, group_size, rot: _Rotation):
+    def __init__(self, weight, bias, reader: bool, spec, act_bits, group_size, rot: _Rotation, quant_weights=True):
         super().__init__()
         self.weight, self.bias, self.reader, self.spec = weight, bias, reader, spec
+        self.quant_weights = quant_weights
         self.act_bits, self.group_size, self.rot = act_bits, group_size, rot
         self.ratio: torch.Tensor | float = 1.0  # clip ratio per channel/group (LoopModel.refresh_clip)
 
@@ -94,7 +97,9 @@ class LoopLinear(torch.nn.Module):
             x = online_rotate(x, self.spec.size, self.spec.k, blocks=self.spec.blocks)
         if self.act_bits is not None:
             x = fake_quant_activation(x, self.act_bits)
-        y = x @ fake_quant_weight(w, self.group_size, self.ratio).t()
+        if self.quant_weights:
+            w = fake_quant_weight(w, self.group_size, self.ratio)
+        y = x @ w.t()
         return y if b is None else y + b
 
 
@@ -127,7 +132,7 @@ class LoopModel:
                 b = t.get(f"{name}.bias")
                 lin = LoopLinear(t[f"{name}.weight"].float(), None if b is None else b.float(),
                                  name.rsplit(".", 1)[1] in _READERS, state.online.get(name), act_bits,
-                                 state.group_size, self.rot)
+                                 state.group_size, self.rot, state.options.learn_weights == "rtn")
                 parent, attr = name[len(pre):].rsplit(".", 1)
                 setattr(layer.get_submodule(parent), attr, lin)
                 self.linears.append(lin)
@@ -257,6 +262,8 @@ def setup(state: ModelState) -> None:
         raise ConvertError("--learn-rotation and --no-r1 exclude each other")
     if o.calib is None or not o.calib.is_file():
         raise ConvertError(f"--learn-rotation needs a calibration text file (--calib, or the built-in text); got {o.calib}")
+    if o.learn_weights not in LEARN_WEIGHTS:
+        raise ConvertError(f"--learn-weights {o.learn_weights!r}: choose one of {', '.join(LEARN_WEIGHTS)}")
     if o.learn_steps < 1 or o.learn_batch < 1 or not o.learn_lr > 0:
         raise ConvertError("--learn-steps and --learn-batch must be at least 1 and --learn-lr positive")
     have = _available_memory()
@@ -278,7 +285,7 @@ def setup(state: ModelState) -> None:
     losses = []
     bar = tqdm(range(o.learn_steps), desc="learn R1", unit="step", disable=not o.progress)
     for step in bar:
-        if step % CLIP_EVERY == 0:
+        if step % CLIP_EVERY == 0 and o.learn_weights == "rtn":
             model.refresh_clip(x)
         lr = 0.5 * o.learn_lr * (1 + math.cos(math.pi * step / o.learn_steps))
         r = x.float().requires_grad_(True)
@@ -291,8 +298,11 @@ def setup(state: ModelState) -> None:
     state.r1_signs, state.r1_matrix = None, x
     state.r1 = {"kind": "learned", "size": state.hidden, "init": init}
     state.report["learn_rotation"] = {
-        "method": "Cayley SGD on the Stiefel manifold (momentum 0.9, cosine lr), int4 fake quantization "
-                  "(RTN absmax weights, per-token activations, straight-through rounding) in the loop",
+        "method": "Cayley SGD on the Stiefel manifold (momentum 0.9, cosine lr), fake quantization in the loop "
+                  "(straight-through rounding): per-token activations, "
+                  + (f"RTN int4 weights at the --clip {o.clip} ratios, refreshed every {CLIP_EVERY} steps"
+                     if o.learn_weights == "rtn" else "float weights"),
+        "weights_in_loop": o.learn_weights,
         "init": init, "steps": o.learn_steps, "lr": o.learn_lr, "windows_per_step": o.learn_batch,
         "tokens_per_window": o.calib_len, "distinct_windows": min(distinct, len(windows)),
         "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,

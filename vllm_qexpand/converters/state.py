@@ -45,6 +45,7 @@ class Options:
     learn_steps: int = 100
     learn_lr: float = 1.5
     learn_batch: int = 1  # calibration windows (of calib_len tokens) per step
+    learn_weights: str = "rtn"  # weights in the loop: "rtn" (fake-quantized as the conversion rounds) or "float"
     rotation: Path | None = None  # --rotation FILE: R1 written by an earlier --learn-rotation
     force: bool = False
     progress: bool = True
