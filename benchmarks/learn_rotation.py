@@ -139,6 +139,8 @@ def main() -> int:
         result["rows"] = json.loads(out.read_text())["rows"]
 
     def save(row: dict) -> None:
+        if out.exists():  # re-read: another invocation may have added rows since this one started
+            result["rows"] = json.loads(out.read_text())["rows"]
         result["rows"] = [r for r in result["rows"] if (r["config"], r["seed"]) != (row["config"], row["seed"])]
         result["rows"].append(row)
         out.write_text(json.dumps(result, indent=2) + "\n")
