@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from ..format import linear_names
 from ..quant import online_rotate
-from . import calibrate, fuse_norms, load, online, rotate
+from . import calibrate, rotate
 from .state import ConvertError, ModelState, Part
 
 CHUNK = 4  # windows per autograd chunk through a decoder layer (bounds activation memory)
@@ -67,15 +67,6 @@ class _Linear(torch.nn.Module):
             y.retain_grad()
             self.x, self.y = x.detach(), y
         return y
-
-
-def _rotated(state: ModelState, name: str) -> Part:
-    part = load.read_part(state, name)
-    fuse_norms.apply(state, part)
-    rotate.apply_r1(state, part)
-    rotate.apply_r2(state, part)
-    online.apply_online(state, part)
-    return part
 
 
 def _layer(state: ModelState, part: Part) -> tuple:
@@ -106,7 +97,7 @@ def _forward(layer, rotary, x: torch.Tensor) -> torch.Tensor:
 
 def _head_grad(state: ModelState, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     """dL/dh at the last hidden state, L = Σ_w mean_t CE; logits TOKENS positions at a time (bounded memory)."""
-    head = _rotated(state, "head").tensors
+    head = rotate.rotated_part(state, "head").tensors
     lm_head = head["lm_head.weight"].float()
     gain = head["model.norm.weight"].float()
     eps = float(state.config.get("rms_norm_eps", 1e-6))
@@ -138,10 +129,10 @@ def setup(state: ModelState) -> None:
     layers = range(state.num_layers)
 
     # 1. forward sweep, saving each layer's input
-    h = _rotated(state, "embed").tensors["model.embed_tokens.weight"][ids].float()
+    h = rotate.rotated_part(state, "embed").tensors["model.embed_tokens.weight"][ids].float()
     for i in layers:
         save_file({"h": h.contiguous()}, str(d / f"h.{i}.safetensors"))
-        layer, rotary, _ = _layer(state, _rotated(state, f"layer.{i}"))
+        layer, rotary, _ = _layer(state, rotate.rotated_part(state, f"layer.{i}"))
         with torch.no_grad():
             h = torch.cat([_forward(layer, rotary, h[c : c + CHUNK]) for c in range(0, n, CHUNK)])
 
@@ -151,7 +142,7 @@ def setup(state: ModelState) -> None:
 
     # 3. backward sweep: per-window weight gradients, squared and averaged
     for i in reversed(layers):
-        part = _rotated(state, f"layer.{i}")
+        part = rotate.rotated_part(state, f"layer.{i}")
         layer, rotary, mods = _layer(state, part)
         hin = load_file(str(d / f"h.{i}.safetensors"))["h"]
         (d / f"h.{i}.safetensors").unlink()

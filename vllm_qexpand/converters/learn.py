@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from ..format import SCHEMES, linear_names
 from ..quant import WEIGHT_QMAX, WEIGHT_QMIN, online_rotate, qmax
-from . import calibrate, fuse_norms, load, online, rotate
+from . import calibrate, rotate
 from .clip import choose_scale
-from .state import ConvertError, ModelState, Part
+from .state import ConvertError, ModelState
 
 MOMENTUM = 0.9
 LEARN_WEIGHTS = ("rtn", "float")  # weights in the loop: fake-quantized as the conversion's RTN, or float (W16A4)
@@ -103,15 +103,6 @@ class LoopLinear(torch.nn.Module):
         return y if b is None else y + b
 
 
-def _unrotated(state: ModelState, name: str) -> Part:
-    """A part as the converter would write it, but without R1 (the parameter learned here)."""
-    part = load.read_part(state, name)
-    fuse_norms.apply(state, part)
-    rotate.apply_r2(state, part)
-    online.apply_online(state, part)
-    return part
-
-
 class LoopModel:
     """The whole model in float32 with R1 as an input: loss(r1, ids) = mean next-token cross-entropy.
     `checkpoint`: keep only each decoder layer's input for the backward pass and run the layer again there
@@ -120,13 +111,13 @@ class LoopModel:
     def __init__(self, state: ModelState, checkpoint: bool = False):
         self.rot, self.checkpoint = _Rotation(), checkpoint
         act_bits = SCHEMES[state.options.scheme][1]
-        self.embed = _unrotated(state, "embed").tensors["model.embed_tokens.weight"].float()
-        self.head = _unrotated(state, "head").tensors["lm_head.weight"].float()  # final norm gain folded in
+        self.embed = rotate.rotated_part(state, "embed", r1=False).tensors["model.embed_tokens.weight"].float()
+        self.head = rotate.rotated_part(state, "head", r1=False).tensors["lm_head.weight"].float()  # final norm gain folded in
         self.eps = float(state.config.get("rms_norm_eps", 1e-6))
         self.layers, self.linears, self.clip = [], [], state.options.clip
         for i in range(state.num_layers):
             layer, self.rotary = calibrate._layer_module(state)
-            t = _unrotated(state, f"layer.{i}").tensors
+            t = rotate.rotated_part(state, f"layer.{i}", r1=False).tensors
             pre = f"model.layers.{i}."
             for name in linear_names(i):
                 b = t.get(f"{name}.bias")
@@ -266,8 +257,8 @@ def setup(state: ModelState) -> None:
         raise ConvertError(f"--learn-weights {o.learn_weights!r}: choose one of {', '.join(LEARN_WEIGHTS)}")
     if o.learn_steps < 1 or o.learn_batch < 1 or not o.learn_lr > 0:
         raise ConvertError("--learn-steps and --learn-batch must be at least 1 and --learn-lr positive")
-    have = _available_memory()
-    checkpoint = have is not None and memory_estimate(state) > have
+    have, plain = _available_memory(), memory_estimate(state)
+    checkpoint = have is not None and plain > have
     need = memory_estimate(state, checkpoint)
     if have is not None and need > have:
         raise ConvertError(
@@ -279,7 +270,7 @@ def setup(state: ModelState) -> None:
     model = LoopModel(state, checkpoint)
     if checkpoint:
         state.report["notes"].append(f"--learn-rotation: activation checkpointing (the plain loop needs about "
-                                     f"{memory_estimate(state) / 2**30:.1f} GiB, {have / 2**30:.1f} GiB is available)")
+                                     f"{plain / 2**30:.1f} GiB, {have / 2**30:.1f} GiB is available)")
     x = rotate._times_r1(state, torch.eye(state.hidden, dtype=torch.float64))  # the converter's own R1
     mom = torch.zeros_like(x)
     losses = []

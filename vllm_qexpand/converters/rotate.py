@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..hadamard import factor, hadamard_matrix, hadamard_transform, random_orthogonal
+from . import fuse_norms, load, online
 from .state import ModelState, Part
 
 
@@ -96,3 +97,16 @@ def apply_r2(state: ModelState, part: Part) -> None:
         t[f"{pre}.v_proj.bias"] = (b.reshape(-1, hd) @ r2).reshape(b.shape)
     wo = t[f"{pre}.o_proj.weight"]
     t[f"{pre}.o_proj.weight"] = (wo.reshape(wo.shape[0], -1, hd) @ r2).reshape(wo.shape)
+
+
+def rotated_part(state: ModelState, name: str, r1: bool = True) -> Part:
+    """A part read again and transformed as the conversion does before quantizing: folded norms, R1 (unless
+    `r1` is False: learn.py optimises it), R2, the online rotations with their expansion. For the passes
+    that stream the model once more before the conversion proper (fisher, learn)."""
+    part = load.read_part(state, name)
+    fuse_norms.apply(state, part)
+    if r1:
+        apply_r1(state, part)
+    apply_r2(state, part)
+    online.apply_online(state, part)
+    return part
