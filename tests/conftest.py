@@ -36,13 +36,28 @@ def serve_models(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def benchmark():
+    """`benchmark(name)`: benchmarks/<name>.py loaded as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"qexpand_bench_{name}", os.path.join(root, "benchmarks", f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
 @pytest.fixture(scope="module")
 def load_vllm():
     """`load(config_dir, weights_dir=None, dtype="float32")` -> the vLLM model built in this process (vLLM's
     model loader, TP=1, no engine; weights from weights_dir if given). Shared by tests/test_plugin_*.py."""
-    import socket
-
     import torch
+    from server import free_port
 
     from vllm.config import set_current_vllm_config
     from vllm.distributed import (
@@ -68,9 +83,7 @@ def load_vllm():
             vc.model_config.model = str(weights_dir)
         with set_current_vllm_config(vc):
             if not state["init"] and not model_parallel_is_initialized():
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
+                port = free_port()
                 init_distributed_environment(
                     world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo"
                 )

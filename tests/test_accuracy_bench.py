@@ -1,22 +1,15 @@
 """benchmarks/accuracy.py pieces that need no model: the CLI flags shown for each config, the tables."""
-import importlib.util
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
 from vllm_qexpand.cli import build_parser, options_from_args
 from vllm_qexpand.converters.state import Options
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def acc():
-    spec = importlib.util.spec_from_file_location("qexpand_bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def acc(benchmark):
+    return benchmark("accuracy")
 
 
 def test_flags_convert_to_the_configs_options(acc):

@@ -1,20 +1,13 @@
 """benchmarks/peers.py pieces that need neither Brevitas nor a model: flags, row merging, the table."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from vllm_qexpand.cli import build_parser, options_from_args
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def peers():
-    spec = importlib.util.spec_from_file_location("qexpand_bench_peers", ROOT / "benchmarks" / "peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def peers(benchmark):
+    return benchmark("peers")
 
 
 @pytest.mark.parametrize("seed", [None, 2])

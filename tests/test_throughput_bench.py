@@ -1,5 +1,4 @@
 """benchmarks/throughput.py pieces that need no benchmark run: random models, the GPTQ baseline writer, config choice."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,16 +6,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=384)
 
 
 @pytest.fixture(scope="module")
-def tp():
-    spec = importlib.util.spec_from_file_location("qexpand_bench_throughput", ROOT / "benchmarks" / "throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def tp(benchmark):
+    return benchmark("throughput")
 
 
 def _tensors(path: Path) -> dict:
