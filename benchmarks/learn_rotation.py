@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
+from vllm_qexpand.converters.learn import ROTATION_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import cli_flags  # noqa: E402  (the `qexpand convert` flags of a config)
-ROTATION_FILE = "rotation/r1.safetensors"  # converters/learn.py ROTATION_FILE
 
 # name -> converter options on top of W4A4. A name in LEARN_RUNS is a learning conversion of its own
 # (`--rtn --learn-rotation` + its options); "RUN+X" converts with RUN's learned R1 (`--rotation`) and X's options.
