@@ -77,13 +77,10 @@ def qexpand_options(config: str, layout: str) -> dict:
 
 def qexpand_flags(config: str, layout: str, seed: int | None) -> list[str]:
     """The `qexpand convert` command-line flags of `qexpand_options` (+ --seed)."""
-    opts = qexpand_options(config, layout)
-    flags = [] if opts["gptq"] else ["--rtn"]
-    if opts["online"] != ("down_proj",):
-        flags += ["--online", ",".join(opts["online"])]
-    for pattern, n in opts.get("expand", []):
-        flags += ["--expand", f"{pattern}={n}"]
-    return flags + ([] if seed is None else ["--seed", str(seed)])
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from accuracy import cli_flags  # here, not at import: accuracy.py imports torch, and main() sets threads first
+
+    return cli_flags({**qexpand_options(config, layout), **({} if seed is None else {"seed": seed})})
 
 
 def overrides_label(overrides: dict | None) -> str:
