@@ -158,6 +158,29 @@ def test_bad_options_are_refused(tmp_path, small):
     assert not (tmp_path / "x").exists()
 
 
+def test_act_clip_is_declared_and_used(tmp_path, small):
+    """--act-clip C writes activations.clip (format version 2), changes no weight, and the reference uses it."""
+    from vllm_qexpand import cli
+
+    convert(small, tmp_path / "c1", Options(scheme="w4a4", act_clip=1.0, progress=False))
+    report = convert(small, tmp_path / "c7", Options(scheme="w4a4", act_clip=0.7, progress=False))
+    q1 = json.loads((tmp_path / "c1" / "config.json").read_text())["quantization_config"]
+    q7 = json.loads((tmp_path / "c7" / "config.json").read_text())["quantization_config"]
+    assert q1["format_version"] == 1 and "clip" not in q1["activations"]  # no clip: still readable by version-1 readers
+    assert q7["format_version"] == 2 and q7["activations"]["clip"] == 0.7
+    assert "activation clip 0.7" in report["recipe"]
+    shards = {k: v for k, v in _digest(tmp_path / "c1").items() if k.endswith(".safetensors")}
+    assert shards and shards == {k: v for k, v in _digest(tmp_path / "c7").items() if k.endswith(".safetensors")}
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(_logits(tmp_path / "c1", ids), _logits(tmp_path / "c7", ids))
+    for opts, match in ((dict(scheme="w4a16", act_clip=0.7), "does not quantize activations"),
+                        (dict(act_clip=0.0), r"\(0, 1\]"), (dict(act_clip=1.2), r"\(0, 1\]")):
+        with pytest.raises(ConvertError, match=match):
+            convert(small, tmp_path / "x", Options(progress=False, **opts))
+    assert not (tmp_path / "x").exists()
+    assert cli.options_from_args(cli.build_parser().parse_args(["convert", "s", "d", "--act-clip", "0.6"])).act_clip == 0.6
+
+
 def test_cli_convert_and_eval(tmp_path, small):
     r = _cli("convert", small, tmp_path / "q", "--expand", "layers\\.0\\.mlp\\.down_proj=2", "--rtn", "--quiet")
     assert r.returncode == 0, r.stderr

@@ -348,6 +348,31 @@ def test_w4a4_int8_codes_path_is_bit_identical(monkeypatch, n, rotation, group):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("bits", [4, 8])
+def test_hadamard_quant_activation_clip(bits):
+    """activations.clip < 1: the kernel's scale is (max · clip) / qmax and the tail saturates, as the reference."""
+    x = _act(7, 1536, seed=5)
+    x[:, 3] *= 30  # a tail for the clip to cut
+    big = hq.hadamard_absmax(x, 1664, 52, 1) * 2
+    for clip in (0.8, 0.55):
+        for amax in (None, big):  # the token's own max, and a cross-rank max (the TP path)
+            codes, scale, sums = hq.hadamard_quant(x, 1664, 52, 1, bits, amax=amax, clip=clip)
+            ref_codes, ref_scale, _ = hq.hadamard_quant_reference(
+                x, 1664, 52, 1, bits, amax_reduce=None if amax is None else (lambda a: big), clip=clip)
+            torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+            _check_codes(codes, ref_codes, bits)
+            got = _unpacked(codes, bits)
+            assert torch.equal(sums, got.int().sum(1, dtype=torch.int32))
+            if amax is None:
+                qm = 2 ** (bits - 1) - 1
+                assert int(got.max()) == qm and int(got.min()) >= -qm - 1  # saturated, never past the end codes
+    own = hq.hadamard_quant(x, 1664, 52, 1, bits)
+    assert not torch.equal(hq.hadamard_quant(x, 1664, 52, 1, bits, clip=0.8)[1], own[1])
+    with pytest.raises(ValueError, match="clip"):
+        hq.hadamard_quant(x, 1664, 52, 1, bits, clip=1.5)
+
+
+@needs_interpreter
 def test_tp_amax_two_pass_kernels_match_reference():
     """hadamard_absmax + hadamard_quant(amax=...) = the reference quantized with the reduced max."""
     x = _act(5, 512, seed=11)

@@ -47,7 +47,9 @@ def _with(path, value):
     "path,value,field",
     [
         (("scheme",), "w3a3", "scheme"),
-        (("format_version",), 2, "format_version"),
+        (("format_version",), 3, "format_version"),
+        (("format_version",), True, "format_version"),
+        (("activations", "clip"), 0.8, "activations.clip needs format_version 2"),
         (("weights", "bits"), 8, "weights.bits"),
         (("activations", "bits"), 8, "activations.bits"),
         (("activations", "granularity"), "per_tensor", "activations.granularity"),
@@ -57,6 +59,23 @@ def _with(path, value):
 def test_config_rejects_unknown_fields(path, value, field):
     with pytest.raises(FormatError, match=field.replace(".", r"\.")):
         QExpandConfig.from_config(_with(path, value))
+
+
+@pytest.mark.parametrize("clip", [0, 1.5, -0.5, "0.8", True, None])
+def test_config_rejects_a_bad_activation_clip(clip):
+    qc = _with(("activations", "clip"), clip)
+    qc["format_version"] = 2
+    with pytest.raises(FormatError, match=r"activations\.clip"):
+        QExpandConfig.from_config(qc)
+
+
+def test_config_reads_the_activation_clip_of_version_2():
+    assert QExpandConfig.from_config(GOOD).act_clip == 1.0  # version 1: no clip
+    qc = _with(("activations", "clip"), 0.8)
+    qc["format_version"] = 2
+    assert QExpandConfig.from_config(qc).act_clip == 0.8
+    del qc["activations"]["clip"]
+    assert QExpandConfig.from_config(qc).act_clip == 1.0
 
 
 def test_config_is_plain_picklable_and_claims_only_qexpand():

@@ -1,6 +1,6 @@
 """vLLM's model loader + QExpandLinearMethod in this process (no engine, no KV cache, no compile).
 
-- every scheme (w4a4, w4a8, w4a16 with groups, none): each fused/expanded vLLM linear
+- every scheme (w4a4, w4a8, w4a4 with an activation clip, w4a16 with groups, none): each fused/expanded vLLM linear
   equals the torch reference's QLinear(s) (eval/reference.py) on random inputs (w4a4 and
   w4a8 bit for bit: integer-exact GEMM);
 - worker-side refusal: tensors vLLM would leave uninitialised, or of the wrong shape/dtype,
@@ -21,6 +21,7 @@ from vllm_qexpand.format import FormatError  # noqa: E402
 SCHEMES = {
     "w4a4": dict(scheme="w4a4", online=("down_proj", "o_proj"), expand=[("down_proj", 1)]),
     "w4a8": dict(scheme="w4a8", online=("down_proj",), expand=[("down_proj", 2)]),
+    "w4a4-clip": dict(scheme="w4a4", act_clip=0.6, online=("down_proj",), expand=[("down_proj", 1)]),  # format v2
     "w4a16": dict(scheme="w4a16", group_size=32, online=("down_proj",), expand=[("down_proj", 1)]),
     "none": dict(scheme="none", online=("down_proj", "o_proj"), expand=[("down_proj", 1)]),
 }
@@ -47,7 +48,7 @@ def test_every_linear_matches_reference(scheme, serve_models, load_vllm):
                 y = layer(x)
                 y = y[0] if isinstance(y, tuple) else y
                 want = torch.cat([ref.get_submodule(f"model.layers.{i}.{p}")(x) for p in parts], dim=-1)
-            if scheme in ("w4a4", "w4a8"):  # integer-exact GEMM: the fused vLLM layer gives the reference's bits
+            if SCHEMES[scheme]["scheme"] in ("w4a4", "w4a8"):  # integer-exact GEMM: the fused vLLM layer gives the reference's bits
                 assert torch.equal(y, want), (scheme, i, fused, (y - want).abs().max().item())
             err = (y - want).abs().max() / want.abs().max()
             assert err < 1e-5, (scheme, i, fused, err.item())

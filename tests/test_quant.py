@@ -50,6 +50,30 @@ def test_activation_quantizer(bits):
     assert (Q.fake_quantize_activation(x, bits) - x).abs().max() <= s.max() / 2 + 1e-6
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_clip_saturates_the_tail_and_refines_the_rest(bits):
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    x[:, 5] = 9.0  # one large value per token
+    qm = 2 ** (bits - 1) - 1
+    q1, s1 = Q.quantize_activation(x, bits)
+    q, s = Q.quantize_activation(x, bits, clip=0.8)
+    # scale = (max * clip) / qmax, in float32, in that order
+    assert torch.equal(s, (x.abs().amax(1, keepdim=True) * torch.tensor(0.8)) / qm)
+    assert bool((s < s1).all())
+    assert float(q.max()) == qm and float(q.min()) >= -qm - 1  # the large value saturates at the end code
+    inside = x.abs() <= 0.8 * x.abs().amax(1, keepdim=True) * (1 - 1e-6)
+    err = (q * s - x).abs()
+    assert bool((err[inside] <= s.expand_as(x)[inside] / 2 + 1e-6).all())  # a finer step for the rest
+    assert (err[inside].mean() < (q1 * s1 - x).abs()[inside].mean())
+    # clip 1 is the unclipped rule, bit for bit
+    q_one, s_one = Q.quantize_activation(x, bits, clip=1.0)
+    assert torch.equal(q_one, q1) and torch.equal(s_one, s1)
+    # the linear applies it too
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(Q.qlinear(x, w, act_bits=bits, act_clip=0.8), Q.qlinear(x, w, act_bits=bits))
+    torch.testing.assert_close(Q.qlinear(x, w, act_bits=bits, act_clip=0.8), (q * s) @ w.t())
+
+
 def test_zero_rows_are_safe():
     q, s = Q.quantize_activation(torch.zeros(2, 8), 4)
     assert torch.equal(q, torch.zeros(2, 8)) and bool((s > 0).all())

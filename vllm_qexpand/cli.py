@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .converters.clip import CLIP_RULES
+from .converters.quantize import ACT_CLIP_DEFAULT
 from .format import ONLINE_CHOICES, SCHEMES
 
 
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight clip rule: mse (clip ratio minimising weight MSE), kl-j (Settle et al. histogram "
                         "threshold), kl (data-free: clip minimising the KL divergence between the weights' histogram "
                         "and the int4-quantized one, Ghaffari et al.), none (absmax) (default: mse)")
+    c.add_argument("--act-clip", type=float, default=None, metavar="C",
+                   help="per-token activation clip ratio in (0, 1]: scale = C x max|x| / qmax, larger values "
+                        "saturate (w4a4, w4a8 only; default: %s)" % ", ".join(
+                            f"{s} {c:g}" for s, c in ACT_CLIP_DEFAULT.items()))
     c.add_argument("--online", type=_online_arg, default=("down_proj",),
                    help="comma list of layers with an online Hadamard: down_proj, o_proj, or '' for none (default: down_proj)")
     c.add_argument("--expand", type=_expand_arg, action="append", default=[], metavar="PATTERN=N",
@@ -65,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--expand-budget", type=float, default=None, metavar="F",
                    help="instead of --expand: choose which online layers to expand, and by how many size-rule steps, "
                         "spending at most F x the linear parameters (0.05 = +5%%): greedy by the measured output-error "
-                        "reduction of int4 weights per added parameter on --calib (an extra float pass over the model)")
+                        "reduction of int4 weights per added parameter on --calib (an extra float pass over the model); "
+                        "kept only if it lowers the round-to-nearest model's loss on held-out --calib windows, "
+                        "else nothing is expanded")
     c.add_argument("--gptq", action="store_true",
                    help="GPTQ with act-order on the rotated, expanded inputs (the default unless --rtn; "
                         "kept for older command lines)")
@@ -183,7 +190,7 @@ def options_from_args(args):
     if args.rtn and args.gptq:
         raise ValueError("--rtn and --gptq exclude each other")
     return Options(
-        scheme="none" if args.no_quant else args.scheme, group_size=args.group_size, clip=args.clip,
+        scheme="none" if args.no_quant else args.scheme, group_size=args.group_size, clip=args.clip, act_clip=args.act_clip,
         online=args.online, expand=args.expand, expand_budget=args.expand_budget, seed=args.seed, dtype=args.dtype, r1=not args.no_r1, r2=not args.no_r2,
         force=args.force, progress=not args.quiet, tp_blocks=args.tp_blocks,
         gptq=not args.rtn and not args.no_quant, sequential=args.sequential, calib_builtin=True,

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORMAT_VERSION = 1
+# version 2 = version 1 + `activations.clip` (a per-token activation clip ratio below 1). A writer
+# writes 1 whenever the checkpoint has no clip (clip 1.0), so it stays readable by version-1 readers.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 QUANT_METHOD = "qexpand"
 
 # scheme -> (weight group size default, activation bits or None)
@@ -88,6 +91,7 @@ class QExpandSpec:
     act_bits: int | None
     online: dict  # module name -> OnlineSpec
     raw: dict
+    act_clip: float = 1.0  # activations.clip: per-token scale = (max|x| * act_clip) / qmax
 
     @classmethod
     def from_config(cls, qc: dict) -> "QExpandSpec":
@@ -97,15 +101,17 @@ class QExpandSpec:
         if method != QUANT_METHOD:
             raise FormatError(f"quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
         version = qc.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS or isinstance(version, bool):
             raise FormatError(
-                f"quantization_config.format_version is {version!r}; this vllm-qexpand reads version {FORMAT_VERSION}"
+                f"quantization_config.format_version is {version!r}; this vllm-qexpand reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}"
             )
         scheme = qc.get("scheme")
         if scheme not in SCHEMES:
             raise FormatError(f"quantization_config.scheme is {scheme!r}; known: {sorted(SCHEMES)}")
         weights = qc.get("weights") or {}
         acts = qc.get("activations")
+        act_clip = 1.0
         if scheme == "none":
             bits, group, act_bits = 16, 0, None
         else:
@@ -129,11 +135,18 @@ class QExpandSpec:
                 for key, want in (("symmetric", True), ("dynamic", True), ("granularity", "per_token")):
                     if acts.get(key) != want:
                         raise FormatError(f"quantization_config.activations.{key} must be {want!r}")
+                if "clip" in acts:
+                    act_clip = acts["clip"]
+                    if version == 1:
+                        raise FormatError("quantization_config.activations.clip needs format_version 2 (version 1 has no clip)")
+                    if isinstance(act_clip, bool) or not isinstance(act_clip, (int, float)) or not 0 < act_clip <= 1:
+                        raise FormatError(f"quantization_config.activations.clip is {act_clip!r}; expected a number in (0, 1]")
+                    act_clip = float(act_clip)
         online_raw = qc.get("online") or {}
         if not isinstance(online_raw, dict):
             raise FormatError("quantization_config.online must be an object of module name -> spec")
         online = {name: OnlineSpec.from_dict(d, name) for name, d in online_raw.items()}
-        return cls(scheme, bits, group, act_bits, online, qc)
+        return cls(scheme, bits, group, act_bits, online, qc, act_clip)
 
     @property
     def quantized(self) -> bool:
@@ -147,19 +160,22 @@ def make_quant_config(
     r1: dict,
     r2: dict | None,
     clip: str,
+    act_clip: float = 1.0,
 ) -> dict:
-    """Build the `quantization_config` written to config.json."""
+    """Build the `quantization_config` written to config.json (version 1 unless activations are clipped)."""
     act_bits = SCHEMES[scheme][1]
+    clipped = act_bits is not None and act_clip != 1.0
+    acts = None if act_bits is None else {"bits": act_bits, "symmetric": True, "dynamic": True, "granularity": "per_token"}
+    if clipped:
+        acts["clip"] = float(act_clip)
     qc = {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if clipped else 1,
         "scheme": scheme,
         "weights": None
         if scheme == "none"
         else {"bits": 4, "symmetric": True, "group_size": group_size, "packing": "int32-offset8", "clip": clip},
-        "activations": None
-        if act_bits is None
-        else {"bits": act_bits, "symmetric": True, "dynamic": True, "granularity": "per_token"},
+        "activations": acts,
         "r1": r1,
         "r2": r2,
         "online": {name: spec.to_dict() for name, spec in sorted(online.items(), key=lambda kv: _natural(kv[0]))},

@@ -8,8 +8,9 @@ Conventions (see docs/format.md):
   one scale per output channel (group_size = 0) or per group of `group_size`
   inputs; stored as value + 8 (0..15), eight nibbles per int32 word along the
   input dim, nibble j of word w holding input 8*w + j at bits 4*j..4*j+3.
-- activations: dynamic, symmetric, per token: scale = absmax / qmax,
-  q = clamp(round(x / scale), -qmax - 1, qmax), bits in {4, 8}.
+- activations: dynamic, symmetric, per token: scale = (absmax * clip) / qmax (float32, in
+  that order), q = clamp(round(x / scale), -qmax - 1, qmax), bits in {4, 8}; `clip` in (0, 1]
+  is the checkpoint's `activations.clip` (1.0: no clipping, the only rule of format version 1).
 """
 from __future__ import annotations
 
@@ -73,18 +74,23 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_activation(
-    x: torch.Tensor, bits: int, amax: torch.Tensor | None = None
+    x: torch.Tensor, bits: int, amax: torch.Tensor | None = None, clip: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-token quantization: (codes as x.dtype-free float32, scale [T, 1]).
 
     `amax` [T, 1] replaces max|x| per token, e.g. the maximum over the tensor-parallel ranks
     that each hold a slice of the token (so every rank quantizes with the full token's scale).
+    `clip` < 1 scales that max down (float32 product, then the division): values beyond
+    clip·max saturate at the end codes, the rest get a finer step.
     """
     qm = qmax(bits)
     xf = x.to(torch.float32)
     if amax is None:
         amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = amax.to(torch.float32) / qm
+    amax = amax.to(torch.float32)
+    if clip != 1.0:
+        amax = amax * torch.tensor(clip, dtype=torch.float32)
+    scale = amax / qm
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(torch.round(xf / scale), -qm - 1, qm)
     return q, scale
@@ -150,6 +156,7 @@ def qlinear_codes(
     group_size: int = 0,
     rotation: tuple | None = None,
     hk: torch.Tensor | None = None,
+    act_clip: float = 1.0,
 ) -> torch.Tensor:
     """The w4a4/w4a8 linear, integer-exact: rotate, quantize per token, Σ codes, then scales. Float32 [..., N].
 
@@ -160,13 +167,13 @@ def qlinear_codes(
     xf = x.to(torch.float32).reshape(-1, x.shape[-1])
     if rotation is not None:
         xf = online_rotate(xf, rotation[0], rotation[1], hk, rotation[2] if len(rotation) > 2 else 1)
-    q, s = quantize_activation(xf, act_bits)
+    q, s = quantize_activation(xf, act_bits, clip=act_clip)
     y = apply_scales(code_matmul(q, codes, act_bits, group_size), w_scale, s)
     return y.reshape(*lead, y.shape[-1])
 
 
-def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
-    q, scale = quantize_activation(x, bits)
+def fake_quantize_activation(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    q, scale = quantize_activation(x, bits, clip=clip)
     return q * scale
 
 
@@ -194,6 +201,7 @@ def qlinear(
     act_bits: int | None,
     rotation: tuple[int, int] | None = None,
     hk: torch.Tensor | None = None,
+    act_clip: float = 1.0,
 ) -> torch.Tensor:
     """The qexpand linear in float32: rotate (pad + Hadamard), quantize activations, GEMM.
 
@@ -205,5 +213,5 @@ def qlinear(
     if rotation is not None:
         xf = online_rotate(xf, rotation[0], rotation[1], hk, rotation[2] if len(rotation) > 2 else 1)
     if act_bits is not None:
-        xf = fake_quantize_activation(xf, act_bits)
+        xf = fake_quantize_activation(xf, act_bits, act_clip)
     return torch.matmul(xf, weight.t())

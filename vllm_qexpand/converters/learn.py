@@ -62,10 +62,11 @@ def fake_quant_weight(w: torch.Tensor, group_size: int, ratio: torch.Tensor | fl
     return (torch.clamp(_ste_round(wg / scale), WEIGHT_QMIN, WEIGHT_QMAX) * scale).reshape(out, k)
 
 
-def fake_quant_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-token symmetric `bits` quantization of x (as quant.quantize_activation), straight-through rounding."""
+def fake_quant_activation(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """Per-token symmetric `bits` quantization of x (as quant.quantize_activation, with its --act-clip ratio),
+    straight-through rounding."""
     qm = qmax(bits)
-    scale = (x.abs().amax(-1, keepdim=True) / qm).clamp_min(1e-12)
+    scale = (x.abs().amax(-1, keepdim=True) * clip / qm).clamp_min(1e-12)
     return torch.clamp(_ste_round(x / scale), -qm - 1, qm) * scale
 
 
@@ -79,10 +80,11 @@ class LoopLinear(torch.nn.Module):
     """A decoder linear in the learning loop: R1 applied to its weight (reader: W R1, writer: R1ᵀ W and
     b R1), the fixed online rotation of its input, then fake int4 weight and activation quantization."""
 
-    def __init__(self, weight, bias, reader: bool, spec, act_bits, group_size, rot: _Rotation, quant_weights=True):
+    def __init__(self, weight, bias, reader: bool, spec, act_bits, group_size, rot: _Rotation, quant_weights=True,
+                 act_clip: float = 1.0):
         super().__init__()
         self.weight, self.bias, self.reader, self.spec = weight, bias, reader, spec
-        self.quant_weights = quant_weights
+        self.quant_weights, self.act_clip = quant_weights, act_clip
         self.act_bits, self.group_size, self.rot = act_bits, group_size, rot
         self.ratio: torch.Tensor | float = 1.0  # clip ratio per channel/group (LoopModel.refresh_clip)
 
@@ -96,7 +98,7 @@ class LoopLinear(torch.nn.Module):
         if self.spec is not None:
             x = online_rotate(x, self.spec.size, self.spec.k, blocks=self.spec.blocks)
         if self.act_bits is not None:
-            x = fake_quant_activation(x, self.act_bits)
+            x = fake_quant_activation(x, self.act_bits, self.act_clip)
         if self.quant_weights:
             w = fake_quant_weight(w, self.group_size, self.ratio)
         y = x @ w.t()
@@ -123,7 +125,7 @@ class LoopModel:
                 b = t.get(f"{name}.bias")
                 lin = LoopLinear(t[f"{name}.weight"].float(), None if b is None else b.float(),
                                  name.rsplit(".", 1)[1] in _READERS, state.online.get(name), act_bits,
-                                 state.group_size, self.rot, state.options.learn_weights == "rtn")
+                                 state.group_size, self.rot, state.options.learn_weights == "rtn", state.act_clip)
                 parent, attr = name[len(pre):].rsplit(".", 1)
                 setattr(layer.get_submodule(parent), attr, lin)
                 self.linears.append(lin)

@@ -114,6 +114,8 @@ def recipe(o: Options) -> str:
     if o.scheme == "none":
         return ", ".join(["no quantization (rotated, expanded float weights)", *r1])
     parts = [f"{o.scheme}", f"clip {o.clip}"]
+    if quantize.act_clip_of(o) != 1.0:
+        parts.append(f"activation clip {quantize.act_clip_of(o):g}")
     if o.gptq:
         parts.append(f"GPTQ ({'act-order, ' if o.act_order else ''}{o.damp:g} damping, "
                      f"{'sequential in-layer' if o.sequential else 'float-layer Hessians'})")

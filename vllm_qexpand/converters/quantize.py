@@ -7,7 +7,8 @@ RTN/GPTQ then work on W'.
 
 `X.weight` [out, M] becomes `X.weight_packed` int32 [out, M/8] and
 `X.weight_scale` float32 [out, 1] (per channel) or [out, M/group] (per group).
-Embeddings, norms and lm_head stay in float.
+Embeddings, norms and lm_head stay in float. Setup also resolves --act-clip (the
+activation rule the checkpoint declares; it changes no weight).
 """
 from __future__ import annotations
 
@@ -20,6 +21,17 @@ from .clip import choose_scale
 from .gptq import gptq_quantize
 from .state import ConvertError, ModelState, Part
 
+# --act-clip default per scheme: the per-token activation clip ratio written as activations.clip
+# (measured on SmolLM2-135M, docs/accuracy.md "Activation clip"); int8 activations are not clipped
+ACT_CLIP_DEFAULT = {"w4a4": 1.0, "w4a8": 1.0}
+
+
+def act_clip_of(options) -> float:
+    """The activation clip ratio a conversion with these options declares (1.0: none, or no quantized activations)."""
+    if SCHEMES.get(options.scheme, (None, None))[1] is None:
+        return 1.0
+    return ACT_CLIP_DEFAULT[options.scheme] if options.act_clip is None else float(options.act_clip)
+
 
 def setup(state: ModelState) -> None:
     scheme = state.options.scheme
@@ -27,6 +39,12 @@ def setup(state: ModelState) -> None:
         raise ConvertError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     g = state.options.group_size
     state.group_size = SCHEMES[scheme][0] if g is None else g
+    c = state.options.act_clip
+    if c is not None and SCHEMES[scheme][1] is None and scheme != "none":
+        raise ConvertError(f"--act-clip {c}: scheme {scheme} does not quantize activations")
+    state.act_clip = act_clip_of(state.options)
+    if not 0 < state.act_clip <= 1:
+        raise ConvertError(f"--act-clip {c}: must be in (0, 1]")
     if scheme == "none":
         state.group_size = 0
         return

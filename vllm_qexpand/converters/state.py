@@ -18,6 +18,7 @@ class Options:
     scheme: str = "w4a4"
     group_size: int | None = None  # None: the scheme's default
     clip: str = "mse"
+    act_clip: float | None = None  # per-token activation clip ratio; None: the scheme's (ACT_CLIP_DEFAULT)
     online: tuple = ("down_proj",)
     expand: list = field(default_factory=list)  # [(pattern, int)]: steps if < width, else a size
     expand_budget: float | None = None  # --expand-budget F: choose expansions within +F linear params (needs --calib)
@@ -128,6 +129,7 @@ class ModelState:
     r2_matrix: torch.Tensor | None = None  # float64 [head_dim, head_dim]
     online: dict = field(default_factory=dict)  # module name -> OnlineSpec
     group_size: int = 0
+    act_clip: float = 1.0  # the resolved --act-clip (quantize.setup), written as activations.clip
     calib_ids: torch.Tensor | None = None  # [samples, len] calibration tokens (--gptq)
     calib_x: torch.Tensor | None = None  # hidden states entering the current layer
     calib_layer: tuple | None = None  # (decoder layer module, rotary embedding), built once

@@ -62,7 +62,7 @@ def finalize(state: ModelState, tmp: Path, dst: Path, index: dict, report: dict)
         if theta is not None:
             config["rope_theta"] = theta  # older vLLM/transformers read only the top-level key
     config["quantization_config"] = make_quant_config(
-        state.options.scheme, state.group_size, state.online, state.r1, state.r2, state.options.clip
+        state.options.scheme, state.group_size, state.online, state.r1, state.r2, state.options.clip, state.act_clip
     )
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for f in COPY_FILES:

@@ -25,7 +25,8 @@ class QLinear(torch.nn.Module):
     """One decoder linear of the reference. `codes`/`scale`: int4 codes and their scales (quantized
     activations: the integer-exact GEMM); `weight`: a float weight (w4a16 dequantized, or scheme none)."""
 
-    def __init__(self, weight, bias, act_bits, rotation, *, codes=None, scale=None, group_size: int = 0):
+    def __init__(self, weight, bias, act_bits, rotation, *, codes=None, scale=None, group_size: int = 0,
+                 act_clip: float = 1.0):
         super().__init__()
         # plain attributes, not buffers: they stay float32 whatever model.to(dtype) does
         self.weight = None if weight is None else weight.float()
@@ -33,16 +34,16 @@ class QLinear(torch.nn.Module):
         self.codes = None if codes is None else codes.float()
         self.scale, self.group_size = None if scale is None else scale.float(), group_size
         self.bias = None if bias is None else bias.float()
-        self.act_bits = act_bits
+        self.act_bits, self.act_clip = act_bits, act_clip
         self.rotation = rotation
         self.hk = hadamard_k(rotation[1]).float() if rotation else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.codes is not None:
             y = qlinear_codes(x, self.codes, self.scale, act_bits=self.act_bits, group_size=self.group_size,
-                              rotation=self.rotation, hk=self.hk)  # fmt: skip
+                              rotation=self.rotation, hk=self.hk, act_clip=self.act_clip)  # fmt: skip
         else:
-            y = qlinear(x, self.weight, act_bits=self.act_bits, rotation=self.rotation, hk=self.hk)
+            y = qlinear(x, self.weight, act_bits=self.act_bits, rotation=self.rotation, hk=self.hk, act_clip=self.act_clip)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
@@ -77,7 +78,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
             parent = model.get_submodule(parent_name)
             bias = tensors.pop(f"{name}.bias", None)
             online = spec.online.get(name)
-            common = dict(bias=bias, act_bits=spec.act_bits, rotation=online.rotation if online else None)
+            common = dict(bias=bias, act_bits=spec.act_bits, rotation=online.rotation if online else None,
+                          act_clip=spec.act_clip)
             if spec.quantized:
                 codes = unpack_int4(tensors.pop(f"{name}.weight_packed"))
                 scale = tensors.pop(f"{name}.weight_scale").float()

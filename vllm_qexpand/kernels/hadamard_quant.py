@@ -55,7 +55,7 @@ from . import HAS_TRITON, interpreting
 
 
 def hadamard_quant_reference(
-    x: torch.Tensor, size: int, k: int, blocks: int = 1, bits: int = 8, amax_reduce=None
+    x: torch.Tensor, size: int, k: int, blocks: int = 1, bits: int = 8, amax_reduce=None, clip: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference: (codes, scale float32 [T, 1], code sums int32 [T]) for x [T, N].
 
@@ -65,6 +65,7 @@ def hadamard_quant_reference(
     ``amax_reduce`` maps the per-token max|y| [T, 1] to the max to quantize with (at tensor
     parallelism > 1: the maximum over the ranks that hold the token's other slices); the
     GPU linear runs this function in that case, because the kernel takes its own slice's.
+    ``clip``: the checkpoint's activation clip ratio (``quant.quantize_activation``).
     """
     xf = x.to(torch.float32)
     if k:
@@ -72,7 +73,7 @@ def hadamard_quant_reference(
     else:
         y = torch.nn.functional.pad(xf, (0, size - xf.shape[-1]))
     amax = None if amax_reduce is None else amax_reduce(y.abs().amax(dim=-1, keepdim=True))
-    q, scale = quant.quantize_activation(y, bits, amax=amax)
+    q, scale = quant.quantize_activation(y, bits, amax=amax, clip=clip)
     sums = q.sum(dim=-1).to(torch.int32)
     codes = q.to(torch.int8)
     if bits == 4:  # = quant.pack_int4(codes).view(torch.uint8), computed on x's device
@@ -221,15 +222,16 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["T", "TOK"])  # one compiled kernel for every T (no T = 1 variant)
     def _hadamard_quant_kernel(
         x_ptr, hrow_ptr, hcol_ptr, q_ptr, scale_ptr, sum_ptr, amax_ptr,
-        T, TOK, N_BLK, M_BLK, stride_x, stride_q, inv_sqrt,
+        T, TOK, N_BLK, M_BLK, stride_x, stride_q, inv_sqrt, clip,
         NB: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, P2: tl.constexpr, PB: tl.constexpr,
         ROWS: tl.constexpr, RC: tl.constexpr, ROTATE: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
         SPLIT3: tl.constexpr, BITS: tl.constexpr, WIDE: tl.constexpr, AMAX_MODE: tl.constexpr, FAST: tl.constexpr,
-        PLANES: tl.constexpr, QBITS: tl.constexpr,
+        PLANES: tl.constexpr, QBITS: tl.constexpr, CLIPPED: tl.constexpr,
     ):
         # AMAX_MODE 0: quantize with the token's own max; 1: only write that max to amax_ptr (the
         # first pass at TP > 1); 2: quantize with amax_ptr's value (the max over the ranks)
         # QBITS: the quantization levels; BITS: how the codes are stored (int4 codes may be stored as int8)
+        # CLIPPED: the per-token max is scaled by `clip` (< 1, activations.clip) before the scale is taken
         QMAX: tl.constexpr = 2 ** (QBITS - 1) - 1
         i = tl.arange(0, ROWS)[:, None]
         j = tl.arange(0, PB)[None, :]
@@ -321,6 +323,8 @@ if HAS_TRITON:
             else:
                 if AMAX_MODE == 2:
                     amax = tl.load(amax_ptr + t)
+                if CLIPPED:
+                    amax = amax * clip  # float32 product, as quant.quantize_activation
                 scale = tl.math.div_rn(amax, amax * 0.0 + QMAX)
                 scale = tl.where(scale > 0.0, scale, 1.0)
                 inv = tl.math.div_rn(scale * 0.0 + 1.0, scale) * norm  # one reciprocal per token
@@ -328,9 +332,9 @@ if HAS_TRITON:
                     qi = libdevice.float2int_rn(y * inv)
                 else:  # the interpreter has no libdevice
                     qi = _rint(y * inv).to(tl.int32)
-                if AMAX_MODE == 2:
+                if AMAX_MODE == 2 or CLIPPED:
                     # |y| <= own max <= the given max keeps |y·inv| <= QMAX (+ rounding), so only a
-                    # given max needs the clamp (a smaller one must not overflow the nibbles)
+                    # given max or a clipped one needs the clamp (a smaller one must not overflow the nibbles)
                     qi = tl.minimum(tl.maximum(qi, -QMAX - 1), QMAX)
                 # no mask needed: padding cells of the tile hold 0 (masked loads, zero-padded hrow /
                 # hcol), so their codes are 0 and add nothing to the sum
@@ -395,6 +399,7 @@ def plan_launch(
     tile: dict | None = None,
     planes: bool = False,
     codes_int8: bool = False,
+    clip: float = 1.0,
 ):
     """((codes, scale, sums) or (amax,), [(kernel, grid, args, kwargs)]): what :func:`hadamard_quant` launches.
 
@@ -408,6 +413,8 @@ def plan_launch(
         raise RuntimeError("hadamard_quant needs Triton")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if not 0 < clip <= 1:
+        raise ValueError(f"clip must be in (0, 1], got {clip}")
     if x.dim() != 2:
         raise ValueError(f"x must be [T, N], got shape {tuple(x.shape)}")
     if x.stride(-1) != 1:
@@ -463,12 +470,13 @@ def plan_launch(
     launch = (
         _hadamard_quant_kernel, (triton.cdiv(t, tokens),),
         (x, hrow, hcol, codes, scale, sums, amax_arg,
-         t, tokens, n // blocks, size // blocks, x.stride(0), codes.stride(0), float(1.0 / math.sqrt(size // blocks))),
+         t, tokens, n // blocks, size // blocks, x.stride(0), codes.stride(0), float(1.0 / math.sqrt(size // blocks)),
+         float(clip)),
         dict(NB=pl.blocks, R=pl.r, RB=pl.rb, P2=pl.p2, PB=pl.pb, ROWS=pl.rows, RC=(tile or {}).get("RC", _chunk_rows(pl)),
              ROTATE=pl.rotate, DOT_F32=hcol.dtype == torch.float32,
              PREC="ieee" if interpreting() else "tf32x3", SPLIT3=split3,
              BITS=bits, WIDE=wide, AMAX_MODE=mode, FAST=not interpreting() and torch.version.hip is None,
-             PLANES=planes, QBITS=qbits,
+             PLANES=planes, QBITS=qbits, CLIPPED=not amax_only and clip != 1.0,
              num_warps=(tile or {}).get("num_warps", _num_warps(pl)),
              num_stages=1),  # pipelining the token loop multi-buffers the chunks: > 228 KiB smem at K = 140
     )
@@ -489,6 +497,7 @@ def hadamard_quant(
     amax: torch.Tensor | None = None,
     planes: bool = False,
     codes_int8: bool = False,
+    clip: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launch: x [T, N] -> (codes, scale float32 [T, 1], sums int32 [T]); see module doc.
 
@@ -500,9 +509,10 @@ def hadamard_quant(
     == 0): codes in plane order (:func:`to_planes`), the order the W4A8 GEMM's
     ``a_planes=True`` multiplies without permuting its weights. ``codes_int8`` (bits 4): the
     4-bit codes stored one per int8 [T, M] (the W4A8 GEMM's input; same values, twice the bytes).
+    ``clip`` (0, 1]: the checkpoint's activation clip ratio; the scale is (max · clip) / qmax.
     """
     outs, launches = plan_launch(x, size, k, blocks, bits, hrow, hcol, tokens_per_program=tokens_per_program,
-                                 out=out, amax=amax, planes=planes, codes_int8=codes_int8)
+                                 out=out, amax=amax, planes=planes, codes_int8=codes_int8, clip=clip)
     for kernel, grid, args, kwargs in launches:
         kernel[grid](*args, **kwargs)
     return outs

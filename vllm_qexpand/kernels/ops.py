@@ -83,6 +83,7 @@ def qexpand_linear_gpu(
     weight_scale: torch.Tensor,
     *,
     act_bits: Optional[int],
+    act_clip: float = 1.0,
     group_size: int = 0,
     rotation: Optional[Tuple[int, int, int]] = None,
     bias: Optional[torch.Tensor] = None,
@@ -102,7 +103,8 @@ def qexpand_linear_gpu(
     over the weight, W4A4 only; the matrices: a per-process cache): correct but slower, and
     not something a CUDA-graph capture should be the first to run. ``hk`` is accepted and
     unused (the matrices already hold H_K). ``act_bits=None`` (W4A16) is refused: the
-    plugin serves W4A16 with vLLM's Machete/Marlin kernels (``plugin/w4a16.py``).
+    plugin serves W4A16 with vLLM's Machete/Marlin kernels (``plugin/w4a16.py``). ``act_clip``
+    is the checkpoint's ``activations.clip`` (per-token scale = (max · act_clip) / qmax).
 
     ``amax_reduce`` (row-parallel layers at tensor parallelism > 1): maps this rank's
     per-token max|x'| [T, 1] to the whole token's (an all-gather + max across ranks). The
@@ -136,12 +138,12 @@ def qexpand_linear_gpu(
     planes = int8_codes and size % 64 == 0 and group_size % 64 == 0
     if amax_reduce is None:
         codes, scale, sums = torch.ops.qexpand.hadamard_quant(x2, hrow, hcol, size, k, blocks, act_bits, planes,
-                                                              int8_codes)
+                                                              int8_codes, act_clip)
     else:  # two passes of the fused kernel around the cross-rank max (the rotation is recomputed)
         local = torch.ops.qexpand.hadamard_absmax(x2, hrow, hcol, size, k, blocks)
         amax = amax_reduce(local)
         codes, scale, sums = torch.ops.qexpand.hadamard_quant_amax(x2, hrow, hcol, amax, size, k, blocks, act_bits,
-                                                                   planes, int8_codes)
+                                                                   planes, int8_codes, act_clip)
     if int8_codes:
         y = torch.ops.qexpand.w4a8_gemm(codes, scale, sums, weight, weight_scale, group_size, x.dtype, bias, planes)
     else:
@@ -169,13 +171,13 @@ def _register() -> None:
     @torch.library.custom_op("qexpand::hadamard_quant", mutates_args=(), device_types=devices)
     def hadamard_quant(
         x: torch.Tensor, hrow: torch.Tensor, hcol: torch.Tensor, size: int, k: int, blocks: int, bits: int,
-        planes: bool = False, codes_int8: bool = False,
+        planes: bool = False, codes_int8: bool = False, clip: float = 1.0,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None, planes=planes,
-                                 codes_int8=codes_int8)
+                                 codes_int8=codes_int8, clip=clip)
 
     @hadamard_quant.register_fake
-    def _(x, hrow, hcol, size, k, blocks, bits, planes=False, codes_int8=False):
+    def _(x, hrow, hcol, size, k, blocks, bits, planes=False, codes_int8=False, clip=1.0):
         return _fake_codes(x, size, bits, codes_int8)
 
     @torch.library.custom_op("qexpand::hadamard_absmax", mutates_args=(), device_types=devices)
@@ -191,13 +193,13 @@ def _register() -> None:
     @torch.library.custom_op("qexpand::hadamard_quant_amax", mutates_args=(), device_types=devices)
     def hadamard_quant_amax(
         x: torch.Tensor, hrow: torch.Tensor, hcol: torch.Tensor, amax: torch.Tensor, size: int, k: int, blocks: int,
-        bits: int, planes: bool = False, codes_int8: bool = False,
+        bits: int, planes: bool = False, codes_int8: bool = False, clip: float = 1.0,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return hq.hadamard_quant(x, size, k, blocks, bits, hrow if k else None, hcol if k else None, amax=amax,
-                                 planes=planes, codes_int8=codes_int8)
+                                 planes=planes, codes_int8=codes_int8, clip=clip)
 
     @hadamard_quant_amax.register_fake
-    def _(x, hrow, hcol, amax, size, k, blocks, bits, planes=False, codes_int8=False):
+    def _(x, hrow, hcol, amax, size, k, blocks, bits, planes=False, codes_int8=False, clip=1.0):
         return _fake_codes(x, size, bits, codes_int8)
 
     @torch.library.custom_op("qexpand::w4a8_gemm", mutates_args=(), device_types=devices)

@@ -39,6 +39,7 @@ class QExpandConfig(QuantizationConfig):
         self.scheme: str = spec.scheme
         self.group_size: int = spec.group_size
         self.act_bits: int | None = spec.act_bits
+        self.act_clip: float = spec.act_clip  # per-token activation scale = (max|x| * act_clip) / qmax
         # HF module name -> (in_features, size, k, blocks): plain tuples, picklable
         self.online: dict[str, tuple[int, int, int, int]] = {
             name: (s.in_features, s.size, s.k, s.blocks) for name, s in spec.online.items()

@@ -278,6 +278,7 @@ def forward(
     hk: torch.Tensor | None,
     act_bits: int | None,
     bias: torch.Tensor | None,
+    act_clip: float = 1.0,
     amax_reduce=None,
 ) -> torch.Tensor:
     """The qexpand linear on CPU: [T, N_logical] (model dtype) -> [T, out] (model dtype).
@@ -293,7 +294,7 @@ def forward(
         amax = None
         if amax_reduce is not None:
             amax = amax_reduce(xf.abs().amax(dim=-1, keepdim=True))
-        q, s = quantize_activation(xf, act_bits, amax=amax)
+        q, s = quantize_activation(xf, act_bits, amax=amax, clip=act_clip)
     if act_bits is not None:
         y = torch.ops.qexpand.cpu_gemm(q, s, gemm.key)
     elif getattr(gemm, "w", None) is not None:  # plain torch layout (no oneDNN, e.g. scheme none on CUDA)

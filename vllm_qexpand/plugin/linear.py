@@ -110,6 +110,7 @@ class QExpandLinearMethod(LinearMethodBase):
         self.scheme = config.scheme
         self.group_size = config.group_size
         self.act_bits = config.act_bits
+        self.act_clip = config.act_clip
         self.rotation: tuple[int, int, int] | None = None  # (size, k, blocks) on this rank
         self.split_input = False  # row-parallel at TP > 1 with quantized activations (set by create_weights)
         self.gemm = None  # cpu.Gemm after process_weights_after_loading (non-CUDA)
@@ -332,9 +333,10 @@ class QExpandLinearMethod(LinearMethodBase):
                 **{name: getattr(layer, f"qexpand_{name}") for name in self.gpu_operands},
                 group_size=self.group_size,
                 act_bits=self.act_bits,
+                act_clip=self.act_clip,
                 rotation=self.rotation,
                 bias=bias,
                 amax_reduce=_tp_amax if self.split_input else None,
             )
         return cpu.forward(x, self.gemm, rotation=self.rotation, hk=layer.qexpand_hk, act_bits=self.act_bits, bias=bias,
-                           amax_reduce=_tp_amax if self.split_input else None)  # fmt: skip
+                           act_clip=self.act_clip, amax_reduce=_tp_amax if self.split_input else None)  # fmt: skip
