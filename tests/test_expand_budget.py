@@ -103,8 +103,12 @@ def test_zero_budget_expands_nothing(tmp_path, tiny):
     assert all(s["size"] == s["in_features"] for s in r["online"].values())
 
 
-def test_quantized_budget_keeps_groups_whole(tmp_path, tiny):
+def test_quantized_budget_keeps_groups_whole(tmp_path, tiny, monkeypatch):
     src, calib = tiny
+    from vllm_qexpand.converters import budget
+
+    real = budget.check_end_to_end
+    monkeypatch.setattr(budget, "check_end_to_end", lambda state, plans: {**real(state, plans), "kept": True})
     r = convert(src, tmp_path / "q", Options(scheme="w4a16", group_size=32, expand_budget=0.05, calib=calib, **CALIB))
     eb = r["expand_budget"]
     assert r["param_overhead"] <= 0.05 and eb["chosen"]
@@ -113,6 +117,50 @@ def test_quantized_budget_keeps_groups_whole(tmp_path, tiny):
     ids = torch.randint(0, 300, (2, 24))
     ref = _logits(src, ids)
     assert ((_logits(tmp_path / "q", ids) - ref).norm() / ref.norm()) < 0.3
+
+
+def test_end_to_end_check_is_the_quantized_models_loss(tmp_path, tiny):
+    """The check's loss of the unexpanded plan is the held-out loss of the RTN checkpoint without expansion, as
+    the torch reference scores it (same windows: the ones after the calibration windows)."""
+    from transformers import AutoTokenizer
+
+    from vllm_qexpand.converters import budget
+
+    src, calib = tiny
+    opts = dict(scheme="w4a4", act_clip=0.8, dtype="float32", calib=calib, **CALIB)
+    r = convert(src, tmp_path / "b", Options(expand_budget=0.05, **opts))
+    check = r["expand_budget"]["check"]
+    assert check["windows"] == budget.CHECK_WINDOWS and set(check["nll"]) == {"unexpanded", "chosen"}
+    assert check["kept"] == (check["nll"]["chosen"] < check["nll"]["unexpanded"])
+    assert check["kept"] == bool(r["expand_budget"]["chosen"]) == (r["param_overhead"] > 0)
+    convert(src, tmp_path / "plain", Options(**opts))  # the same recipe, nothing expanded
+    ids = AutoTokenizer.from_pretrained(src)(calib.read_text())["input_ids"]
+    n, length = CALIB["calib_samples"], CALIB["calib_len"]
+    held = torch.tensor(ids[n * length:(n + budget.CHECK_WINDOWS) * length]).reshape(-1, length)
+    with torch.no_grad():
+        logits = load_model(tmp_path / "plain")(held).logits[:, :-1]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), held[:, 1:].reshape(-1)).item()
+    # fake-quantized float GEMM vs the reference's integer-exact one: a rounding-level difference (measured 1e-7)
+    assert abs(check["nll"]["unexpanded"] - ref) <= 1e-5 * ref, (check["nll"], ref)
+
+
+def test_budget_converts_unexpanded_when_expansion_does_not_pay(tmp_path, tiny, monkeypatch):
+    from vllm_qexpand.converters import budget
+
+    src, calib = tiny
+    seen = []
+
+    def worse(state, plans):
+        seen.append({k: {n: s.size for n, s in p.items()} for k, p in plans.items()})
+        return {"windows": 4, "tokens": 256, "nll": {"unexpanded": 5.0, "chosen": 5.1}, "kept": False}
+
+    monkeypatch.setattr(budget, "check_end_to_end", worse)
+    r = convert(src, tmp_path / "n", Options(scheme="w4a4", expand_budget=0.05, calib=calib, **CALIB))
+    assert seen and seen[0]["chosen"] != seen[0]["unexpanded"]  # the greedy had chosen an expansion
+    eb = r["expand_budget"]
+    assert eb["chosen"] == {} and eb["added_params"] == 0 and r["param_overhead"] == 0 and not eb["check"]["kept"]
+    assert all(s["size"] == s["in_features"] for s in r["online"].values())
+    assert any("did not lower the held-out loss" in note for note in r["notes"])
 
 
 def test_budget_option_errors(tmp_path, tiny):

@@ -41,9 +41,21 @@ scale the end-to-end effect of an allocation is noisier than the criterion. The 
 not shown to beat uniform expansion. The pass took 1583 s there (2 loaded cores; the
 conversion itself 177-247 s), 80 % of it the clip search of the 9 candidates per layer.
 
+End-to-end check (``check_end_to_end``): the weight-only criterion always finds some reduction, but
+at W4A4 an expansion can still make the model worse (docs/accuracy.md: one step of down_proj
+expansion moved SmolLM2's perplexity by less than the R1-seed spread, and up or down). So before
+the choice is kept, the model is streamed once more, twice side by side: unexpanded and with the
+chosen sizes, each with round-to-nearest int4 weights (the --clip rule) and the scheme's activation
+quantization (--act-clip included), and its mean next-token loss is measured on CHECK_WINDOWS
+held-out windows of --calib (the ones after the calibration windows). The expansion is kept only if
+its loss is lower; otherwise the conversion runs unexpanded and the report says why (with
+--no-quant there is nothing to measure and no check). Cost: per decoder layer two more reads and
+clip searches of its weights, and two forwards on the held-out tokens.
+
 The result is in report["expand_budget"]: the chosen layer -> size with the measured
 errors before / after, the greedy moves with their reduction per parameter, and the full
-candidate table; its run time is report["timing"]["setup_s"]["expand_budget"].
+candidate table, and "check" (both losses and whether the expansion was kept); its run time
+(check included) is report["timing"]["setup_s"]["expand_budget"].
 """
 from __future__ import annotations
 
@@ -51,7 +63,7 @@ import math
 
 import torch
 
-from ..format import OnlineSpec, linear_names
+from ..format import SCHEMES, OnlineSpec, linear_names
 from ..hadamard import factor, hadamard_k, hadamard_transform, next_size
 from ..quant import dequantize_weight, online_rotate, quantize_weight
 from . import calibrate, fuse_norms, load, online, rotate, write
@@ -60,6 +72,7 @@ from .gptq import hessian
 from .state import ConvertError, ModelState
 
 MAX_STEPS = 8  # size-rule steps considered per layer (8192 -> 12288 for Llama-3.2-1B's down_proj)
+CHECK_WINDOWS = 4  # held-out windows (of --calib-len tokens, after the calibration ones) of the end-to-end check
 
 
 def candidates(spec: OnlineSpec, out_features: int, budget_params: int, group_size: int) -> list[dict]:
@@ -132,6 +145,7 @@ def plan(state: ModelState) -> None:
         _score(state, table)
         result["calib_tokens"] = o.calib_samples * o.calib_len
         used, moves, current = _greedy(table, budget_params)
+        unexpanded = dict(state.online)
         for name, i in current.items():
             base, c = table[name][0], table[name][i]
             spec = state.online[name]
@@ -147,6 +161,15 @@ def plan(state: ModelState) -> None:
             name: [{k: c[k] for k in ("steps", "size", "added_params", "error")} for c in cands]
             for name, cands in table.items()
         }
+        if result["chosen"] and o.scheme != "none":
+            result["check"] = check = check_end_to_end(state, {"unexpanded": unexpanded, "chosen": dict(state.online)})
+            if not check["kept"]:  # expansion does not pay here: convert without it
+                state.online = unexpanded
+                result["chosen"], used = {}, 0
+                result["note"] = (f"the chosen expansion did not lower the held-out loss of the round-to-nearest "
+                                  f"{o.scheme} model ({check['nll']['chosen']:.4f} vs {check['nll']['unexpanded']:.4f} "
+                                  "nats/token unexpanded): nothing expanded")
+                state.report["notes"].append(f"--expand-budget: {result['note']}")
     else:
         used = 0
         result["note"] = "no expansion step fits the budget; nothing expanded (no calibration pass run)"
@@ -183,6 +206,55 @@ def _score(state: ModelState, table: dict) -> None:
             state.calib_x = x
     finally:
         state.calib_x = saved_x
+
+
+def check_end_to_end(state: ModelState, plans: dict) -> dict:
+    """Keep the greedy's expansion only if the model it gives is better end to end: the mean next-token loss,
+    on CHECK_WINDOWS held-out windows of the calibration text (the ones after the calibration windows), of the
+    model with round-to-nearest int4 weights (the --clip rule, the conversion's group size) and the scheme's
+    activation quantization (with --act-clip), under each plan of online specs ({key: {layer: OnlineSpec}}).
+    Streamed part by part like the conversion; GPTQ, saliency and refinement are not modelled."""
+    ids = tokens_heldout(state)
+    act_bits = SCHEMES[state.options.scheme][1]
+    act = None if act_bits is None else (act_bits, state.act_clip)
+    saved = state.online, state.calib_x
+    xs: dict = {}
+    nll: dict = {}
+    try:
+        for pname in state.part_names():
+            if pname == "embed":
+                emb = rotate.rotated_part(state, "embed").tensors["model.embed_tokens.weight"]
+                xs = {key: emb[ids].float() for key in plans}
+                continue
+            if pname == "head":
+                head = rotate.rotated_part(state, "head").tensors["lm_head.weight"].float()  # final norm gain folded in
+                eps = float(state.config.get("rms_norm_eps", 1e-6))
+                for key, h in xs.items():
+                    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+                    logits = h[:, :-1] @ head.t()
+                    nll[key] = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                       ids[:, 1:].reshape(-1)))
+                continue
+            for key, specs in plans.items():
+                state.online = specs
+                part = rotate.rotated_part(state, pname)
+                weights = {}
+                for n in linear_names(part.layer):
+                    w = part.tensors[f"{n}.weight"].float()
+                    scale = choose_scale(w, state.group_size, state.options.clip)
+                    weights[n] = dequantize_weight(quantize_weight(w, scale, state.group_size), scale, state.group_size)
+                state.calib_x = xs[key]
+                xs[key] = calibrate._run(state, part, weights, None, act=act).float()
+    finally:
+        state.online, state.calib_x = saved
+    return {"windows": CHECK_WINDOWS, "tokens": int(ids.numel()), "nll": nll, "kept": nll["chosen"] < nll["unexpanded"],
+            "criterion": "mean next-token loss of the round-to-nearest model on held-out calibration windows; "
+                         "the expansion is kept only if it is lower than unexpanded"}
+
+
+def tokens_heldout(state: ModelState) -> torch.Tensor:
+    """The CHECK_WINDOWS windows of --calib after the --calib-samples calibration windows."""
+    return calibrate.tokens(state, "--expand-budget's held-out check", CHECK_WINDOWS, state.options.calib_samples)
 
 
 def _greedy(table: dict, budget_params: int) -> tuple[int, list, dict]:

@@ -72,8 +72,9 @@ def setup(state: ModelState) -> None:
     state.calib_ids = tokens(state, flag)
 
 
-def tokens(state: ModelState, flag: str) -> torch.Tensor:
-    """The calibration windows [calib_samples, calib_len] of --calib (`flag` names who needs them)."""
+def tokens(state: ModelState, flag: str, windows: int | None = None, skip: int = 0) -> torch.Tensor:
+    """The calibration windows [calib_samples, calib_len] of --calib (`flag` names who needs them); or
+    `windows` windows after the first `skip` ones (e.g. held out: the windows after the calibration ones)."""
     o = state.options
     if o.calib is None or not o.calib.is_file():
         raise ConvertError(f"{flag} needs a calibration text file (--calib); got {o.calib}")
@@ -81,10 +82,12 @@ def tokens(state: ModelState, flag: str) -> torch.Tensor:
 
     tok = AutoTokenizer.from_pretrained(state.src)
     ids = tok(o.calib.read_text(encoding="utf-8"))["input_ids"]
-    need = o.calib_samples * o.calib_len
+    n = o.calib_samples if windows is None else windows
+    need = (skip + n) * o.calib_len
     if len(ids) < need:
-        raise ConvertError(f"{o.calib}: {len(ids)} tokens, fewer than --calib-samples × --calib-len = {need}")
-    return torch.tensor(ids[:need]).reshape(o.calib_samples, o.calib_len)
+        what = "--calib-samples × --calib-len" if not skip else f"{flag}'s {skip} + {n} windows of --calib-len"
+        raise ConvertError(f"{o.calib}: {len(ids)} tokens, fewer than {what} = {need}")
+    return torch.tensor(ids[skip * o.calib_len:need]).reshape(n, o.calib_len)
 
 
 def _layer_module(state: ModelState):
@@ -106,7 +109,10 @@ def embed(state: ModelState, part: Part) -> None:
         state.calib_x = part.tensors["model.embed_tokens.weight"][state.calib_ids].float()
 
 
-def _run(state: ModelState, part: Part, weights: dict, capture: dict | None, only: set | None = None) -> torch.Tensor:
+def _run(state: ModelState, part: Part, weights: dict, capture: dict | None, only: set | None = None,
+         act: tuple | None = None) -> torch.Tensor:
+    """The decoder layer of `part` with `weights` on state.calib_x; `act` = (bits, clip): the activations
+    fake-quantized as the checkpoint does (default: float activations)."""
     from ..eval.reference import QLinear
 
     if state.calib_layer is None:
@@ -116,7 +122,8 @@ def _run(state: ModelState, part: Part, weights: dict, capture: dict | None, onl
     t = part.tensors
     for name in linear_names(part.layer):
         spec = state.online.get(name)
-        ql = QLinear(weights[name], t.get(f"{name}.bias"), None, spec.rotation if spec else None)
+        bits, clip = act or (None, 1.0)
+        ql = QLinear(weights[name], t.get(f"{name}.bias"), bits, spec.rotation if spec else None, act_clip=clip)
         if capture is not None and (only is None or name in only):
             ql.register_forward_pre_hook(lambda m, args, name=name: capture.setdefault(name, []).append(args[0]))
         parent, attr = name[len(pre):].rsplit(".", 1)
