@@ -111,6 +111,15 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return [r for r in old if row_key(r) not in keys] + list(new)
 
 
+def merge_results(results: list[dict]) -> dict:
+    """One result of several runs: the first one's header, every run's float perplexities and rows (merge_rows)."""
+    out = dict(results[0], rows=[], float_ppl={})
+    for r in results:
+        out["float_ppl"].update(r.get("float_ppl", {}))
+        out["rows"] = merge_rows(out["rows"], r.get("rows", []))
+    return out
+
+
 def markdown_table(result: dict) -> str:
     """One line per (config, layout, R1), both tools side by side; then Brevitas's A/B rows
     (recipe changes from --brevitas-set) against its own recipe."""
@@ -139,6 +148,7 @@ def markdown_table(result: dict) -> str:
         par = lambda r: cell(r, "param_overhead", lambda x: f"+{100 * x:.1f}%")  # noqa: E731
         sec = lambda r: cell(r, "seconds", lambda x: f"{x:.0f}")  # noqa: E731
         out.append(f"| {config} | {layout} | {r1} | {ppl(q)} | {ppl(b)} | {par(q)} | {par(b)} | {sec(q)} | {sec(b)} |")
+    out += mean_table(result)
     ab = sorted((r for r in allrows if r.get("overrides")),
                 key=lambda r: (order.get(r["config"], 99), lorder.get(r["layout"], 9), overrides_label(r["overrides"])))
     if ab:
@@ -148,6 +158,40 @@ def markdown_table(result: dict) -> str:
             out.append(f"| {r['config']} | {r['layout']} | `{overrides_label(r['overrides'])}` | {r['ppl']:.2f} | "
                        f"{cell(base, 'ppl', lambda x: f'{x:.2f}')} |")
     return "\n".join(out)
+
+
+def mean_table(result: dict) -> list[str]:
+    """Ours over R1 draws (configs with >= 2 draws): mean, spread and the share of its rotation-only gap to the
+    float model each config closes (item 6 of issue 14), beside Brevitas's (one draw: its plain Hadamard)."""
+    rows = [r for r in result["rows"] if not r.get("overrides")]
+    fl = result.get("float_ppl", {})
+    draws: dict = {}
+    for r in rows:
+        if r["tool"] == "qexpand":
+            draws.setdefault((r["config"], r["layout"]), []).append(r["ppl"])
+    brev = {(r["config"], r["layout"]): r["ppl"] for r in rows if r["tool"] == "brevitas"}
+    keys = [k for k, v in draws.items() if len(v) >= 2]
+    if not keys:
+        return []
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    lorder = {c: i for i, c in enumerate(LAYOUTS)}
+
+    def closed(ppl, base, float_ppl):
+        return "—" if base is None or float_ppl is None or base == float_ppl else f"{100 * (base - ppl) / (base - float_ppl):+.1f}%"
+
+    out = ["", "| config | layout | qexpand R1 draws | qexpand mean PPL (min–max) | gap closed vs rotation | "
+               "Brevitas PPL | gap closed vs rotation |", "|---|---|---|---|---|---|---|"]
+    for config, layout in sorted(keys, key=lambda k: (order.get(k[0], 99), lorder.get(k[1], 9))):
+        v = draws[(config, layout)]
+        mean = sum(v) / len(v)
+        base_q = draws.get(("rotation+gptq" if "gptq" in config else "rotation", layout))
+        base_q = None if not base_q or config in ("rotation", "rotation+gptq") else sum(base_q) / len(base_q)
+        b = brev.get((config, layout))
+        base_b = None if config in ("rotation", "rotation+gptq") else brev.get(("rotation+gptq" if "gptq" in config else "rotation", layout))
+        out.append(f"| {config} | {layout} | {len(v)} | {mean:.2f} ({min(v):.2f}–{max(v):.2f}) | "
+                   f"{closed(mean, base_q, fl.get('qexpand'))} | {'—' if b is None else f'{b:.2f}'} | "
+                   f"{'—' if b is None else closed(b, base_b, fl.get('brevitas'))} |")
+    return out
 
 
 def data_windows(model: Path) -> tuple[list[list[int]], list[list[int]]]:
@@ -182,8 +226,10 @@ def run_qexpand(model: Path, config: str, layout: str, seed: int | None, work: P
     seconds = time.perf_counter() - t0
     ppl = score_qexpand(path)
     shutil.rmtree(path, ignore_errors=True)
+    from vllm_qexpand.converters.quantize import act_clip_of
+
     return dict(ppl=round(ppl, 3), param_overhead=report["param_overhead"], seconds=round(seconds, 1),
-                flags=qexpand_flags(config, layout, seed))
+                act_clip=act_clip_of(opts), flags=qexpand_flags(config, layout, seed))
 
 
 _EVAL_IDS: list[int] = []
@@ -219,7 +265,8 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-135m")
     ap.add_argument("--configs", default="rotation")
     ap.add_argument("--layouts", default="r2,quarot")
-    ap.add_argument("--seeds", default="", help="R1 seeds for ours (default: plain Hadamard, like Brevitas)")
+    ap.add_argument("--seeds", default="", help="R1 seeds for ours, 'none' = the plain Hadamard (default: plain "
+                                                "Hadamard only, like Brevitas), e.g. none,0,1,2")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--brevitas-python", default=sys.executable,
                     help="interpreter of a venv with brevitas[llm,hadamard]==0.13.4 (default: this one)")
@@ -228,9 +275,19 @@ def main() -> int:
                          "the row is kept apart from the recipe's rows")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--table", type=Path, default=None, metavar="JSON", help="print the table of an earlier run and exit")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="merge the rows of these runs (e.g. run side by side on two cores) into --out, print the "
+                         "table and exit; a later file's row replaces an earlier one's")
     args = ap.parse_args()
     if args.table:
         print(markdown_table(json.loads(args.table.read_text())))
+        return 0
+    if args.merge:
+        if args.out is None:
+            raise SystemExit("--merge needs --out")
+        merged = merge_results([json.loads(p.read_text()) for p in args.merge])
+        args.out.write_text(json.dumps(merged, indent=2) + "\n")
+        print(markdown_table(merged))
         return 0
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -244,7 +301,7 @@ def main() -> int:
         bad = [x for x in name if x not in known]
         if bad:
             raise SystemExit(f"unknown {bad}; choose from {list(known)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [None]
+    seeds = [None if s.strip() == "none" else int(s) for s in args.seeds.split(",") if s.strip()] or [None]
     overrides = parse_overrides(args.brevitas_set)
     if overrides and "qexpand" in tools:
         raise SystemExit("--brevitas-set changes Brevitas's recipe only: pass --tools brevitas")

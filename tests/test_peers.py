@@ -67,3 +67,30 @@ def test_brevitas_ab_rows_stay_apart(peers):
     lines = peers.markdown_table({"rows": rows}).splitlines()
     assert lines[2] == "| rotation | r2 | Hadamard | — | 72.34 | — | +0.0% | — | 33 |"
     assert lines[-1] == "| rotation | r2 | `input_narrow_range=True` | 86.30 | 72.34 |"
+
+
+def test_mean_table_over_r1_draws(peers):
+    """Ours averaged over R1 draws, with the share of the rotation-only gap each config closes, beside Brevitas."""
+    def q(config, seed, ppl):
+        return dict(tool="qexpand", config=config, layout="r2", seed=seed, ppl=ppl, param_overhead=0.0, seconds=1)
+    result = {"float_ppl": {"qexpand": 20.0, "brevitas": 20.0}, "rows": [
+        q("rotation", None, 100.0), q("rotation", 0, 80.0), q("expand-s1", None, 90.0), q("expand-s1", 0, 60.0),
+        q("expand-s3", None, 70.0),  # one draw: not in the mean table
+        dict(tool="brevitas", config="rotation", layout="r2", seed=None, ppl=70.0, param_overhead=0.0, seconds=1),
+        dict(tool="brevitas", config="expand-s1", layout="r2", seed=None, ppl=60.0, param_overhead=0.016, seconds=1),
+    ]}
+    lines = peers.markdown_table(result).splitlines()
+    start = lines.index(next(x for x in lines if x.startswith("| config | layout | qexpand R1 draws")))
+    assert lines[start + 2] == "| rotation | r2 | 2 | 90.00 (80.00–100.00) | — | 70.00 | — |"
+    # ours: (90 - 75) / (90 - 20) = 21.4%; Brevitas: (70 - 60) / (70 - 20) = 20.0%
+    assert lines[start + 3] == "| expand-s1 | r2 | 2 | 75.00 (60.00–90.00) | +21.4% | 60.00 | +20.0% |"
+    assert len(lines) == start + 4
+
+
+def test_merge_results_of_runs_side_by_side(peers):
+    a = {"model": "m", "float_ppl": {"qexpand": 22.4}, "rows": [dict(tool="qexpand", config="rotation", layout="r2", seed=None, ppl=1.0)]}
+    b = {"model": "m", "float_ppl": {"brevitas": 22.4}, "rows": [dict(tool="brevitas", config="rotation", layout="r2", seed=None, ppl=2.0),
+                                                                 dict(tool="qexpand", config="rotation", layout="r2", seed=None, ppl=3.0)]}
+    m = peers.merge_results([a, b])
+    assert m["model"] == "m" and m["float_ppl"] == {"qexpand": 22.4, "brevitas": 22.4}
+    assert [(r["tool"], r["ppl"]) for r in m["rows"]] == [("brevitas", 2.0), ("qexpand", 3.0)]
