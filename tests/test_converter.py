@@ -57,9 +57,11 @@ def test_expanded_tensor_shapes_and_config(tmp_path, small):
     convert(small, dst, Options(scheme="w4a4", expand=[("down_proj", 1)], progress=False))
     cfg = json.loads((dst / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == "qexpand" and qc["format_version"] == 1 and qc["scheme"] == "w4a4"
+    assert qc["quant_method"] == "qexpand" and qc["format_version"] == 2 and qc["scheme"] == "w4a4"
     assert qc["online"]["model.layers.1.mlp.down_proj"] == {"in_features": 192, "size": 208, "k": 52, "blocks": 1}
-    assert qc["activations"] == {"bits": 4, "symmetric": True, "dynamic": True, "granularity": "per_token"}
+    from vllm_qexpand.converters.quantize import ACT_CLIP_DEFAULT  # w4a4's default --act-clip: version 2
+    assert qc["activations"] == {"bits": 4, "symmetric": True, "dynamic": True, "granularity": "per_token",
+                                 "clip": ACT_CLIP_DEFAULT["w4a4"]} and ACT_CLIP_DEFAULT["w4a4"] < 1
     assert cfg["tie_word_embeddings"] is False
     index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
     with safe_open(dst / index["model.layers.0.mlp.down_proj.weight_packed"], framework="pt") as f:
@@ -260,6 +262,9 @@ def test_default_recipe_is_what_help_says(tmp_path, small, monkeypatch, capsys):
     args = cli.build_parser().parse_args(["convert", "src", "dst"])
     o = cli.options_from_args(args)
     assert o.gptq and o.calib is None and o.calib_builtin and o.clip == "mse" and o.scheme == "w4a4"
+    from vllm_qexpand.converters.quantize import ACT_CLIP_DEFAULT, act_clip_of
+    assert act_clip_of(o) == ACT_CLIP_DEFAULT["w4a4"] and f"w4a4 {ACT_CLIP_DEFAULT['w4a4']:g}" in flat
+    assert f"activation clip {ACT_CLIP_DEFAULT['w4a4']:g}" in flat
     assert o.sequential == cli.DEFAULT_SEQUENTIAL and ("sequential inside each layer" in flat) == o.sequential
     assert o.calib_samples == cli.DEFAULT_CALIB_SAMPLES and f"({o.calib_samples} windows of 512 tokens)" in flat
     fast = cli.options_from_args(cli.build_parser().parse_args(["convert", "src", "dst", "--rtn"]))

@@ -1,4 +1,5 @@
-"""--expand-budget: selective, progressive expansion chosen by measured output error per parameter."""
+"""--expand-budget: selective, progressive expansion chosen by measured output error per parameter, kept only
+if the held-out loss of the round-to-nearest model falls; --r1-candidates: R1 chosen by that same loss."""
 import json
 import subprocess
 import sys
@@ -119,29 +120,62 @@ def test_quantized_budget_keeps_groups_whole(tmp_path, tiny, monkeypatch):
     assert ((_logits(tmp_path / "q", ids) - ref).norm() / ref.norm()) < 0.3
 
 
+def _heldout_nll(src, path, calib) -> float:
+    """The reference's mean next-token loss of checkpoint `path` on the held-out windows (after the calibration ones)."""
+    from transformers import AutoTokenizer
+
+    from vllm_qexpand.converters import heldout
+
+    ids = AutoTokenizer.from_pretrained(src)(calib.read_text())["input_ids"]
+    n, length = CALIB["calib_samples"], CALIB["calib_len"]
+    held = torch.tensor(ids[n * length:(n + heldout.WINDOWS) * length]).reshape(-1, length)
+    with torch.no_grad():
+        logits = load_model(path)(held).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), held[:, 1:].reshape(-1)).item()
+
+
 def test_end_to_end_check_is_the_quantized_models_loss(tmp_path, tiny):
     """The check's loss of the unexpanded plan is the held-out loss of the RTN checkpoint without expansion, as
     the torch reference scores it (same windows: the ones after the calibration windows)."""
-    from transformers import AutoTokenizer
-
-    from vllm_qexpand.converters import budget
+    from vllm_qexpand.converters import heldout
 
     src, calib = tiny
     opts = dict(scheme="w4a4", act_clip=0.8, dtype="float32", calib=calib, **CALIB)
     r = convert(src, tmp_path / "b", Options(expand_budget=0.05, **opts))
     check = r["expand_budget"]["check"]
-    assert check["windows"] == budget.CHECK_WINDOWS and set(check["nll"]) == {"unexpanded", "chosen"}
+    assert check["windows"] == heldout.WINDOWS and set(check["nll"]) == {"unexpanded", "chosen"}
     assert check["kept"] == (check["nll"]["chosen"] < check["nll"]["unexpanded"])
     assert check["kept"] == bool(r["expand_budget"]["chosen"]) == (r["param_overhead"] > 0)
     convert(src, tmp_path / "plain", Options(**opts))  # the same recipe, nothing expanded
-    ids = AutoTokenizer.from_pretrained(src)(calib.read_text())["input_ids"]
-    n, length = CALIB["calib_samples"], CALIB["calib_len"]
-    held = torch.tensor(ids[n * length:(n + budget.CHECK_WINDOWS) * length]).reshape(-1, length)
-    with torch.no_grad():
-        logits = load_model(tmp_path / "plain")(held).logits[:, :-1]
-    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), held[:, 1:].reshape(-1)).item()
+    ref = _heldout_nll(src, tmp_path / "plain", calib)
     # fake-quantized float GEMM vs the reference's integer-exact one: a rounding-level difference (measured 1e-7)
     assert abs(check["nll"]["unexpanded"] - ref) <= 1e-5 * ref, (check["nll"], ref)
+
+
+def test_r1_candidates_keep_the_draw_with_the_lowest_heldout_loss(tmp_path, tiny):
+    src, calib = tiny
+    opts = dict(scheme="w4a4", dtype="float32", calib=calib, **CALIB)
+    r = convert(src, tmp_path / "c", Options(r1_candidates=3, seed=5, **opts))
+    rc = r["r1_candidates"]
+    losses = {int(s): v for s, v in rc["losses"].items()}
+    assert sorted(losses) == [5, 6, 7] and rc["chosen"] == min(losses, key=losses.get)
+    assert len(set(losses.values())) == 3  # the draws really differ
+    assert r["r1"]["seed"] == rc["chosen"] and r["r1"]["candidates"] == 3 and "best of 3" in r["recipe"]
+    # the checkpoint is the chosen draw's, and its loss is the one the choice measured
+    convert(src, tmp_path / "s", Options(seed=rc["chosen"], **opts))
+    shards = lambda p: {f.name: f.read_bytes() for f in p.glob("*.safetensors")}  # noqa: E731
+    assert shards(tmp_path / "c") == shards(tmp_path / "s")
+    assert abs(losses[rc["chosen"]] - _heldout_nll(src, tmp_path / "c", calib)) <= 1e-5 * losses[rc["chosen"]]
+    for bad, match in ((dict(r1=False), "--no-r1"), (dict(scheme="none"), "--no-quant"),
+                       (dict(r1_candidates=0), "must be a count")):
+        with pytest.raises(ConvertError, match=match):
+            convert(src, tmp_path / "x", Options(**{**opts, "r1_candidates": 2, **bad}))
+    with pytest.raises(ConvertError, match="--r1-candidates needs a calibration text"):
+        convert(src, tmp_path / "x", Options(scheme="w4a4", r1_candidates=2, progress=False))
+    assert not (tmp_path / "x").exists()
+    from vllm_qexpand import cli
+
+    assert cli.options_from_args(cli.build_parser().parse_args(["convert", "s", "d", "--r1-candidates", "8"])).r1_candidates == 8
 
 
 def test_budget_converts_unexpanded_when_expansion_does_not_pay(tmp_path, tiny, monkeypatch):

@@ -19,7 +19,8 @@ DEFAULT_CALIB_SAMPLES = 16
 DEFAULT_RECIPE_HELP = (
     "Default recipe: R1 + R2 rotations, online Hadamard on down_proj, MSE weight clip, then GPTQ (act-order, "
     "1%% damping, sequential inside each layer) on the built-in calibration text (%d windows of 512 tokens); "
-    "--rtn gives the fast, data-free round-to-nearest path." % DEFAULT_CALIB_SAMPLES
+    "w4a4 declares activation clip %g (--act-clip). --rtn gives the fast, data-free round-to-nearest path."
+    % (DEFAULT_CALIB_SAMPLES, ACT_CLIP_DEFAULT["w4a4"])
 )
 
 
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-r1", action="store_true", help="skip the residual rotation R1 (baselines only)")
     c.add_argument("--no-r2", action="store_true", help="skip the per-head rotation R2")
     c.add_argument("--seed", type=int, default=None, help="random ±1 signs on R1 from this seed (default: none)")
+    c.add_argument("--r1-candidates", type=int, default=1, metavar="K",
+                   help="R1 = the best of K random-sign draws (seeds S..S+K-1, S = --seed or 0) by the held-out "
+                        "calibration loss of the round-to-nearest model; one more quantized pass over the model "
+                        "per draw (default: 1, no choice)")
     c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="dtype of float tensors written (default: the source's)")
     c.add_argument("--force", action="store_true", help="replace an existing DST")
@@ -190,7 +195,7 @@ def options_from_args(args):
     if args.rtn and args.gptq:
         raise ValueError("--rtn and --gptq exclude each other")
     return Options(
-        scheme="none" if args.no_quant else args.scheme, group_size=args.group_size, clip=args.clip, act_clip=args.act_clip,
+        scheme="none" if args.no_quant else args.scheme, group_size=args.group_size, clip=args.clip, act_clip=args.act_clip, r1_candidates=args.r1_candidates,
         online=args.online, expand=args.expand, expand_budget=args.expand_budget, seed=args.seed, dtype=args.dtype, r1=not args.no_r1, r2=not args.no_r2,
         force=args.force, progress=not args.quiet, tp_blocks=args.tp_blocks,
         gptq=not args.rtn and not args.no_quant, sequential=args.sequential, calib_builtin=True,

@@ -44,9 +44,9 @@ conversion itself 177-247 s), 80 % of it the clip search of the 9 candidates per
 End-to-end check (``check_end_to_end``): the weight-only criterion always finds some reduction, but
 at W4A4 an expansion can still make the model worse (docs/accuracy.md: one step of down_proj
 expansion moved SmolLM2's perplexity by less than the R1-seed spread, and up or down). So before
-the choice is kept, the model is streamed once more, twice side by side: unexpanded and with the
+the choice is kept, the model is streamed twice more (heldout.quantized_loss): unexpanded and with the
 chosen sizes, each with round-to-nearest int4 weights (the --clip rule) and the scheme's activation
-quantization (--act-clip included), and its mean next-token loss is measured on CHECK_WINDOWS
+quantization (--act-clip included), and its mean next-token loss is measured on heldout.WINDOWS
 held-out windows of --calib (the ones after the calibration windows). The expansion is kept only if
 its loss is lower; otherwise the conversion runs unexpanded and the report says why (with
 --no-quant there is nothing to measure and no check). Cost: per decoder layer two more reads and
@@ -63,16 +63,15 @@ import math
 
 import torch
 
-from ..format import SCHEMES, OnlineSpec, linear_names
+from ..format import OnlineSpec, linear_names
 from ..hadamard import factor, hadamard_k, hadamard_transform, next_size
 from ..quant import dequantize_weight, online_rotate, quantize_weight
-from . import calibrate, fuse_norms, load, online, rotate, write
+from . import calibrate, fuse_norms, heldout, load, online, rotate, write
 from .clip import choose_scale
 from .gptq import hessian
 from .state import ConvertError, ModelState
 
 MAX_STEPS = 8  # size-rule steps considered per layer (8192 -> 12288 for Llama-3.2-1B's down_proj)
-CHECK_WINDOWS = 4  # held-out windows (of --calib-len tokens, after the calibration ones) of the end-to-end check
 
 
 def candidates(spec: OnlineSpec, out_features: int, budget_params: int, group_size: int) -> list[dict]:
@@ -209,52 +208,21 @@ def _score(state: ModelState, table: dict) -> None:
 
 
 def check_end_to_end(state: ModelState, plans: dict) -> dict:
-    """Keep the greedy's expansion only if the model it gives is better end to end: the mean next-token loss,
-    on CHECK_WINDOWS held-out windows of the calibration text (the ones after the calibration windows), of the
-    model with round-to-nearest int4 weights (the --clip rule, the conversion's group size) and the scheme's
-    activation quantization (with --act-clip), under each plan of online specs ({key: {layer: OnlineSpec}}).
-    Streamed part by part like the conversion; GPTQ, saliency and refinement are not modelled."""
-    ids = tokens_heldout(state)
-    act_bits = SCHEMES[state.options.scheme][1]
-    act = None if act_bits is None else (act_bits, state.act_clip)
-    saved = state.online, state.calib_x
-    xs: dict = {}
-    nll: dict = {}
+    """Keep the greedy's expansion only if the model it gives is better end to end: heldout.quantized_loss (the
+    round-to-nearest model's loss on held-out calibration windows) under each plan of online specs
+    ({key: {layer: OnlineSpec}}, keys "unexpanded" and "chosen")."""
+    ids = heldout.heldout_tokens(state, "--expand-budget's held-out check")
+    saved = state.online
+    nll = {}
     try:
-        for pname in state.part_names():
-            if pname == "embed":
-                emb = rotate.rotated_part(state, "embed").tensors["model.embed_tokens.weight"]
-                xs = {key: emb[ids].float() for key in plans}
-                continue
-            if pname == "head":
-                head = rotate.rotated_part(state, "head").tensors["lm_head.weight"].float()  # final norm gain folded in
-                eps = float(state.config.get("rms_norm_eps", 1e-6))
-                for key, h in xs.items():
-                    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-                    logits = h[:, :-1] @ head.t()
-                    nll[key] = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                                       ids[:, 1:].reshape(-1)))
-                continue
-            for key, specs in plans.items():
-                state.online = specs
-                part = rotate.rotated_part(state, pname)
-                weights = {}
-                for n in linear_names(part.layer):
-                    w = part.tensors[f"{n}.weight"].float()
-                    scale = choose_scale(w, state.group_size, state.options.clip)
-                    weights[n] = dequantize_weight(quantize_weight(w, scale, state.group_size), scale, state.group_size)
-                state.calib_x = xs[key]
-                xs[key] = calibrate._run(state, part, weights, None, act=act).float()
+        for key, specs in plans.items():
+            state.online = specs
+            nll[key] = heldout.quantized_loss(state, ids)
     finally:
-        state.online, state.calib_x = saved
-    return {"windows": CHECK_WINDOWS, "tokens": int(ids.numel()), "nll": nll, "kept": nll["chosen"] < nll["unexpanded"],
+        state.online = saved
+    return {"windows": heldout.WINDOWS, "tokens": int(ids.numel()), "nll": nll, "kept": nll["chosen"] < nll["unexpanded"],
             "criterion": "mean next-token loss of the round-to-nearest model on held-out calibration windows; "
                          "the expansion is kept only if it is lower than unexpanded"}
-
-
-def tokens_heldout(state: ModelState) -> torch.Tensor:
-    """The CHECK_WINDOWS windows of --calib after the --calib-samples calibration windows."""
-    return calibrate.tokens(state, "--expand-budget's held-out check", CHECK_WINDOWS, state.options.calib_samples)
 
 
 def _greedy(table: dict, budget_params: int) -> tuple[int, list, dict]:

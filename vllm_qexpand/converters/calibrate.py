@@ -53,7 +53,8 @@ def setup(state: ModelState) -> None:
     o = state.options
     if o.saliency not in SALIENCY:
         raise ConvertError(f"--saliency {o.saliency!r}: choose one of {', '.join(SALIENCY)}")
-    needs = o.gptq or o.saliency != "none" or o.refine != "none" or o.expand_budget is not None or o.learn_rotation
+    needs = (o.gptq or o.saliency != "none" or o.refine != "none" or o.expand_budget is not None or o.learn_rotation
+             or o.r1_candidates > 1)
     if o.calib is None and o.calib_builtin and needs and o.scheme != "none":
         o.calib = builtin_calibration_file()
         state.report["calibration"] = {"text": BUILTIN_CALIB, "file": str(o.calib)}

@@ -1,7 +1,7 @@
 """The converter: named passes over one model state, streamed one part at a time.
 
 setup (once):  load -> r1 -> r2 -> online -> expand -> quantize -> refine -> calibrate
-               -> learn -> expand_budget -> fisher
+               -> choose_r1 -> learn -> expand_budget -> fisher
 per part:      read -> fuse_norms -> r1 -> r2 -> online -> [calib_embed, collect] -> quantize
                -> [propagate] -> write        ([...]: only with --gptq)
 Parts are 'embed', each decoder layer, and 'head', so peak memory is about one
@@ -10,6 +10,8 @@ expand_budget (only with --expand-budget) streams the layers once more before th
 conversion proper, to score every online layer's candidate sizes (see budget.py).
 fisher (only with --saliency fisher) streams the layers forward and then backward once
 before the conversion proper, for the per-weight Fisher of the loss (see fisher.py).
+choose_r1 (only with --r1-candidates K > 1) picks R1 among K sign draws by the held-out loss of
+the round-to-nearest model (heldout.py: one more quantized stream of the model per draw).
 learn (only with --learn-rotation, or --rotation FILE) replaces R1 by a learned one before any
 weight is fused: it holds the whole model once (see learn.py), the only pass that does.
 refine (--refine sde, setup: checks and the held-out split) works inside quantize
@@ -35,6 +37,7 @@ SETUP_PASSES = (
     ("quantize", quantize.setup),
     ("refine", refine.setup),
     ("calibrate", calibrate.setup),
+    ("choose_r1", rotate.choose_r1),
     ("learn", learn.setup),
     ("expand_budget", budget.plan),
     ("fisher", fisher.setup),
@@ -111,6 +114,8 @@ def recipe(o: Options) -> str:
         r1 = [f"learned R1 ({o.learn_steps} Cayley SGD steps of {o.learn_batch}x{o.calib_len} tokens of {text})"]
     elif o.rotation is not None:
         r1 = [f"R1 from {o.rotation}"]
+    if o.r1_candidates > 1:
+        r1.insert(0, f"R1 the best of {o.r1_candidates} sign draws by held-out loss")
     if o.scheme == "none":
         return ", ".join(["no quantization (rotated, expanded float weights)", *r1])
     parts = [f"{o.scheme}", f"clip {o.clip}"]
@@ -120,14 +125,16 @@ def recipe(o: Options) -> str:
         parts.append(f"GPTQ ({'act-order, ' if o.act_order else ''}{o.damp:g} damping, "
                      f"{'sequential in-layer' if o.sequential else 'float-layer Hessians'})")
     else:
-        data_free = o.saliency == "none" and o.refine == "none" and o.expand_budget is None and not o.learn_rotation
+        data_free = (o.saliency == "none" and o.refine == "none" and o.expand_budget is None and not o.learn_rotation
+                     and o.r1_candidates == 1)
         parts.append("round-to-nearest (data-free)" if data_free else "round-to-nearest")
     if o.saliency != "none":
         parts.append(f"saliency {o.saliency}")
     if o.refine != "none":
         parts.append(f"refine {o.refine}")
     parts += r1
-    if o.calib is not None and (o.gptq or o.saliency != "none" or o.refine != "none" or o.expand_budget is not None):
+    if o.calib is not None and (o.gptq or o.saliency != "none" or o.refine != "none" or o.expand_budget is not None
+                                or o.r1_candidates > 1):
         parts.append(f"calibration {o.calib_samples}x{o.calib_len} tokens of {text}")
     return ", ".join(parts)
 

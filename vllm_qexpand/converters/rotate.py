@@ -7,6 +7,12 @@ R1 = diag(s) @ A.T with A = hadamard_matrix(hidden) and s = ±1 signs drawn from
 --seed (all +1 without a seed), so h' = T(h * s). Without a Hadamard of that size
 R1 is a seeded random orthogonal matrix (reported).
 
+choose_r1 (setup, --r1-candidates K > 1, after calibrate): the sign draws of seeds S .. S+K-1
+(S = --seed, or 0) are each scored by heldout.quantized_loss, the held-out calibration loss of
+the round-to-nearest model the conversion would write with that R1, and the lowest one is kept.
+Two R1s with the same per-layer quantization error statistics can differ by 50% in W4A4
+perplexity (docs/accuracy.md, "Where the rest of the gap is"); this picks a good draw by data.
+
 R2 (head_dim×head_dim) = A_hd.T: each value head v becomes v @ R2, so
   v_proj rows of each kv head: W <- R2.T @ W (bias likewise); o_proj columns of each q head: W <- W @ R2.
 """
@@ -14,9 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from tqdm import tqdm
+
 from ..hadamard import factor, hadamard_matrix, hadamard_transform, random_orthogonal
 from . import fuse_norms, load, online
-from .state import ModelState, Part
+from .state import ConvertError, ModelState, Part
 
 
 def setup_r1(state: ModelState) -> None:
@@ -29,13 +37,50 @@ def setup_r1(state: ModelState) -> None:
         state.r1 = {"kind": "random_orthogonal", "size": n, "seed": seed or 0}
         state.report["notes"].append(f"R1: no Hadamard of size {n} is known; used a seeded random orthogonal matrix")
         return
+    _hadamard_r1(state, seed)
+
+
+def _hadamard_r1(state: ModelState, seed: int | None) -> None:
+    n = state.hidden
     if seed is None:
         signs = torch.ones(n, dtype=torch.float64)
     else:
         g = torch.Generator().manual_seed(seed)
         signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
     state.r1_signs = signs  # R1 = diag(signs) @ A.T, applied with the fast transform
-    state.r1 = {"kind": "hadamard" if seed is None else "random_hadamard", "size": n, "k": kp[0], "seed": seed}
+    state.r1 = {"kind": "hadamard" if seed is None else "random_hadamard", "size": n, "k": factor(n)[0], "seed": seed}
+
+
+def choose_r1(state: ModelState) -> None:
+    """--r1-candidates K: keep the R1 sign draw (seeds S .. S+K-1) with the lowest held-out loss (module doc)."""
+    o = state.options
+    k = o.r1_candidates
+    if k == 1:
+        return
+    if not isinstance(k, int) or k < 1:
+        raise ConvertError(f"--r1-candidates {k}: must be a count >= 1")
+    for bad, why in ((not o.r1, "--no-r1"), (o.rotation is not None, "--rotation FILE (R1 is given)"),
+                     (o.scheme == "none", "--no-quant (no quantized model to score)"),
+                     (state.r1 is not None and state.r1["kind"] == "random_orthogonal",
+                      f"a hidden size without a Hadamard ({state.hidden})")):
+        if bad:
+            raise ConvertError(f"--r1-candidates {k} does not go with {why}")
+    from . import heldout
+
+    ids = heldout.heldout_tokens(state, "--r1-candidates")
+    base = o.seed or 0
+    losses = {}
+    for seed in tqdm(range(base, base + k), desc="R1 candidates", unit="draw", disable=not o.progress):
+        _hadamard_r1(state, seed)
+        losses[seed] = heldout.quantized_loss(state, ids)
+    best = min(losses, key=lambda s: (losses[s], s))
+    _hadamard_r1(state, best)
+    state.r1["candidates"] = k
+    state.report["r1_candidates"] = {
+        "seeds": [base, base + k - 1], "chosen": best, "heldout_tokens": int(ids.numel()),
+        "losses": {str(s): round(v, 6) for s, v in losses.items()},
+        "criterion": "mean next-token loss of the round-to-nearest model on held-out calibration windows",
+    }
 
 
 def _times_r1(state: ModelState, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ class Options:
     expand: list = field(default_factory=list)  # [(pattern, int)]: steps if < width, else a size
     expand_budget: float | None = None  # --expand-budget F: choose expansions within +F linear params (needs --calib)
     seed: int | None = None
+    r1_candidates: int = 1  # --r1-candidates K: R1 = the best of K sign draws by held-out loss (rotate.choose_r1)
     dtype: str | None = None  # float tensors out; None = the source's torch_dtype
     r1: bool = True
     r2: bool = True
