@@ -19,7 +19,6 @@ R2 (head_dim×head_dim) = A_hd.T: each value head v becomes v @ R2, so
 from __future__ import annotations
 
 import torch
-
 from tqdm import tqdm
 
 from ..hadamard import factor, hadamard_matrix, hadamard_transform, random_orthogonal
