@@ -23,7 +23,7 @@ from .state import ConvertError, ModelState, Part
 
 # --act-clip default per scheme: the per-token activation clip ratio written as activations.clip
 # (measured on SmolLM2-135M, docs/accuracy.md "Activation clip"); int8 activations are not clipped
-ACT_CLIP_DEFAULT = {"w4a4": 0.7, "w4a8": 1.0}
+ACT_CLIP_DEFAULT = {"w4a4": 0.75, "w4a8": 1.0}
 
 
 def act_clip_of(options) -> float:
