@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     print(f"[4/4] serving {dst} with vLLM on 127.0.0.1:{port} ...", flush=True)
     cmd = [sys.executable, "-m", "vllm_qexpand.serve", str(dst), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "1024", "--served-model-name", "smollm2-qexpand"]
+           "--dtype", "float32", "--max-model-len", "1024", "--served-model-name", "smollm2-qexpand",
+           # a fixed KV cache: without it vLLM's CPU worker reserves 92% of RAM and refuses to start when this
+           # process (which holds the converted model) or anything else holds more than 8% of it
+           "--kv-cache-memory-bytes", str(512 << 20)]
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_USE_AOT_COMPILE="0")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
