@@ -184,10 +184,11 @@ def mean_table(result: dict) -> list[str]:
     for config, layout in sorted(keys, key=lambda k: (order.get(k[0], 99), lorder.get(k[1], 9))):
         v = draws[(config, layout)]
         mean = sum(v) / len(v)
-        base_q = draws.get(("rotation+gptq" if "gptq" in config else "rotation", layout))
-        base_q = None if not base_q or config in ("rotation", "rotation+gptq") else sum(base_q) / len(base_q)
+        base = "rotation+gptq" if "gptq" in config else "rotation"  # the row each config's gap is measured against
+        base_q = draws.get((base, layout)) if config != base else None
+        base_q = sum(base_q) / len(base_q) if base_q else None
         b = brev.get((config, layout))
-        base_b = None if config in ("rotation", "rotation+gptq") else brev.get(("rotation+gptq" if "gptq" in config else "rotation", layout))
+        base_b = brev.get((base, layout)) if config != base else None
         out.append(f"| {config} | {layout} | {len(v)} | {mean:.2f} ({min(v):.2f}–{max(v):.2f}) | "
                    f"{closed(mean, base_q, fl.get('qexpand'))} | {'—' if b is None else f'{b:.2f}'} | "
                    f"{'—' if b is None else closed(b, base_b, fl.get('brevitas'))} |")

@@ -104,11 +104,9 @@ def _torch():
 
 
 def w_ours_mse(w):
-    from vllm_qexpand.converters.clip import choose_scale
-    from vllm_qexpand.quant import dequantize_weight, quantize_weight
+    from vllm_qexpand.converters.clip import rtn_weight
 
-    s = choose_scale(w, 0, "mse")
-    return dequantize_weight(quantize_weight(w, s, 0), s, 0)
+    return rtn_weight(w, 0, "mse")
 
 
 def w_ours_absmax(w):  # --clip none: absmax/7, codes in [-7, 7]
@@ -331,7 +329,7 @@ def matrices(model_dir: Path, brev: dict, ours: dict) -> tuple[dict, dict]:
         hk, hp = hadamard_k(a), sylvester(b)
         out[key]["kron"] = {
             f"fit_error_H{a}xH{b}": {k: f[2] for k, f in fx.items()},
-            f"power_of_two_factor_is_natural_sylvester_up_to_signs": {k: bool(torch.equal(_normalised(f[1]), hp)) for k, f in fx.items()},
+            "power_of_two_factor_is_natural_sylvester_up_to_signs": {k: bool(torch.equal(_normalised(f[1]), hp)) for k, f in fx.items()},
             f"H{a}_normalised_equals_ours_hadamard_k": {k: bool(torch.equal(_normalised(f[0]), hk)) for k, f in fx.items()},
             f"H{a}_normalised_equals_ours_hadamard_k_transposed": {k: bool(torch.equal(_normalised(f[0]), hk.T)) for k, f in fx.items()},
             f"H{a}_brevitas_equals_ours_up_to_row_col_signs": bool(torch.equal(_normalised(fx["brevitas"][0]), _normalised(fx["ours"][0]))),

@@ -89,7 +89,7 @@ def quantize_activation(
         amax = xf.abs().amax(dim=-1, keepdim=True)
     amax = amax.to(torch.float32)
     if clip != 1.0:
-        amax = amax * torch.tensor(clip, dtype=torch.float32)
+        amax = amax * clip  # float32 product: the Python float is rounded to float32 first, as in the kernel
     scale = amax / qm
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(torch.round(xf / scale), -qm - 1, qm)

@@ -65,9 +65,9 @@ import torch
 
 from ..format import OnlineSpec, linear_names
 from ..hadamard import factor, hadamard_k, hadamard_transform, next_size
-from ..quant import dequantize_weight, online_rotate, quantize_weight
+from ..quant import online_rotate
 from . import calibrate, fuse_norms, heldout, load, online, rotate, write
-from .clip import choose_scale
+from .clip import rtn_weight
 from .gptq import hessian
 from .state import ConvertError, ModelState
 
@@ -94,8 +94,7 @@ def rtn_output_error(w: torch.Tensor, h: torch.Tensor, size: int, k: int, blocks
     """tr(Ẽ H Ẽᵀ): output error of RTN int4 on the padded+rotated weight, from the input Hessian H [N, N]."""
     n = w.shape[1]
     wm = online_rotate(w.double(), size, k, blocks=blocks).float()
-    scale = choose_scale(wm, group_size, clip)
-    e = dequantize_weight(quantize_weight(wm, scale, group_size), scale, group_size) - wm  # [out, M]
+    e = rtn_weight(wm, group_size, clip) - wm  # [out, M]
     # back-rotate: E @ A per block (A = (H_K ⊗ H_P)/√m, so E @ A = T with H_K transposed), keep N/blocks
     eb = e.double().reshape(e.shape[0], blocks, size // blocks)
     eb = hadamard_transform(eb, k, hadamard_k(k).t().contiguous().double())

@@ -121,9 +121,9 @@ def _run(state: ModelState, part: Part, weights: dict, capture: dict | None, onl
     layer, rotary = state.calib_layer
     pre = f"model.layers.{part.layer}."
     t = part.tensors
+    bits, clip = act or (None, 1.0)
     for name in linear_names(part.layer):
         spec = state.online.get(name)
-        bits, clip = act or (None, 1.0)
         ql = QLinear(weights[name], t.get(f"{name}.bias"), bits, spec.rotation if spec else None, act_clip=clip)
         if capture is not None and (only is None or name in only):
             ql.register_forward_pre_hook(lambda m, args, name=name: capture.setdefault(name, []).append(args[0]))

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import WEIGHT_QMAX, WEIGHT_QMIN, weight_scale
+from ..quant import WEIGHT_QMAX, WEIGHT_QMIN, dequantize_weight, quantize_weight, weight_scale
 
 CLIP_RULES = ("none", "mse", "kl-j", "kl")
 MSE_GRID = 36
@@ -55,6 +55,12 @@ def choose_scale(w: torch.Tensor, group_size: int, rule: str, importance: torch.
     if rule == "kl":
         return _kl_scale(w, group_size)
     raise ValueError(f"unknown clip rule {rule!r}; choose one of {', '.join(CLIP_RULES)}")
+
+
+def rtn_weight(w: torch.Tensor, group_size: int, rule: str) -> torch.Tensor:
+    """The float weight round-to-nearest int4 gives at the `rule`'s scales (what a --rtn conversion stores, dequantized)."""
+    scale = choose_scale(w, group_size, rule)
+    return dequantize_weight(quantize_weight(w, scale, group_size), scale, group_size)
 
 
 def objective(w: torch.Tensor, scale: torch.Tensor, group_size: int, rule: str,

@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..format import SCHEMES, linear_names
-from ..quant import dequantize_weight, quantize_weight
 from . import calibrate, rotate
-from .clip import choose_scale
+from .clip import rtn_weight
 from .state import ModelState
 
 WINDOWS = 4  # held-out windows of --calib-len tokens
@@ -41,9 +40,7 @@ def quantized_loss(state: ModelState, ids: torch.Tensor) -> float:
             part = rotate.rotated_part(state, f"layer.{i}")
             weights = {}
             for n in linear_names(i):
-                w = part.tensors[f"{n}.weight"].float()
-                scale = choose_scale(w, g, state.options.clip)
-                weights[n] = dequantize_weight(quantize_weight(w, scale, g), scale, g)
+                weights[n] = rtn_weight(part.tensors[f"{n}.weight"].float(), g, state.options.clip)
             state.calib_x = x
             x = calibrate._run(state, part, weights, None, act=act).float()
     finally:
